@@ -1,0 +1,13 @@
+# The two commands of the README. Both set everything up first (idempotent, fast when done).
+.PHONY: setup demo test bench
+setup:
+	bash scripts/setup.sh
+
+demo: setup
+	.venv/bin/vlmcook demo
+
+test: setup
+	.venv/bin/python -m pytest
+
+bench: setup
+	.venv/bin/python benchmarks/run_all.py
