@@ -11,6 +11,8 @@ Notable:
 - `KVCache` preallocates `[B, kv_heads, max_len, head_dim]` per layer and also remembers which cached positions are
   real tokens, so decode steps need no mask and default positions stay right for left-padded rows.
 - `Qwen3Model.gradient_checkpointing` (plain bool) recomputes each layer in backward when training.
+- Sequence packing (training, no cache): `segment_ids [B, T]` (0 = padding, k = k-th sample of the row) gives a
+  block-diagonal causal mask and, by default, positions restarting at 0 for each sample.
 """
 
 from __future__ import annotations
@@ -128,6 +130,24 @@ def attention_mask_for(key_mask: torch.Tensor | None, past: int, t: int) -> torc
     return mask[:, None]
 
 
+def segment_mask(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids [B, T] -> boolean SDPA mask [B, 1, T, T]: causal inside a segment, never across segments or to
+    padding (0); the diagonal is always on so a pad query has no empty row."""
+    T = segment_ids.shape[1]
+    pos = torch.arange(T, device=segment_ids.device)
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]  # [B, T, T]
+    mask = same & (pos[None, None, :] <= pos[None, :, None]) & (segment_ids[:, None, :] != 0)
+    return (mask | torch.eye(T, dtype=torch.bool, device=segment_ids.device))[:, None]
+
+
+def segment_positions(segment_ids: torch.Tensor) -> torch.Tensor:
+    """segment_ids [B, T] -> position ids [B, T] counting from 0 at the start of each segment."""
+    pos = torch.arange(segment_ids.shape[1], device=segment_ids.device).expand_as(segment_ids)
+    start = torch.ones_like(segment_ids, dtype=torch.bool)
+    start[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return pos - torch.cummax(torch.where(start, pos, torch.zeros_like(pos)), dim=1).values
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: LLMConfig, layer_idx: int):
         super().__init__()
@@ -192,10 +212,13 @@ class Qwen3Model(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                cache: KVCache | None = None) -> torch.Tensor:
-        """-> hidden states [B, T, D] after the final norm. attention_mask: [B, past+T], 1 = real, 0 = pad."""
+                cache: KVCache | None = None, segment_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """-> hidden states [B, T, D] after the final norm. attention_mask: [B, past+T], 1 = real, 0 = pad.
+        segment_ids [B, T] (packed rows, no cache): replaces attention_mask; see segment_mask."""
         x = self._embed(input_ids, inputs_embeds)
         B, T, _ = x.shape
+        if segment_ids is not None:
+            return self._forward_packed(x, segment_ids, position_ids, cache)
         key_mask = self._key_mask(attention_mask, cache, B, T, x.device)  # [B, past+T] bool or None
         past = 0
         if cache is not None:  # the cache remembers the padding of earlier steps: decode needs no mask
@@ -210,6 +233,25 @@ class Qwen3Model(nn.Module):
                 x = layer(x, cos, sin, mask, cache, past)
         if cache is not None:
             cache.length = past + T
+        return self.norm(x)
+
+    def _forward_packed(self, x: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None,
+                        cache: KVCache | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        if cache is not None or segment_ids.shape != (B, T):
+            raise ValueError(f"Qwen3Model.forward: segment_ids must be [B, T] = [{B}, {T}] (got "
+                             f"{tuple(segment_ids.shape)}) and are for training without a KVCache")
+        segment_ids = segment_ids.to(x.device)
+        if position_ids is None:
+            position_ids = segment_positions(segment_ids)
+        position_ids = self._positions(position_ids, None, 0, B, T, x.device)
+        cos, sin = rope_cos_sin(position_ids, self.cfg.head_dim, self.cfg.rope_theta, x.dtype)
+        mask = segment_mask(segment_ids)
+        for layer in self.layers:
+            if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
         return self.norm(x)
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:

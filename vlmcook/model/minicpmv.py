@@ -83,7 +83,7 @@ class MiniCPMV(nn.Module):
         start = 0
         for b in range(B):
             n = len(temporal_ids[b])
-            feats = visual[start:start + n].reshape(n * Q, -1)  # [n*Q, D], packages in order
+            feats = visual[start:start + n].reshape(n * Q, visual.shape[-1])  # [n*Q, D]; n = 0: a text-only row
             start += n
             pos = _bound_positions(image_bound[b], T, b)
             if pos.numel() != feats.shape[0]:
@@ -95,11 +95,13 @@ class MiniCPMV(nn.Module):
     # ---- training / generation forward -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, pixel_values=None,
                 temporal_ids=None, image_bound=None, position_ids: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, cache: KVCache | None = None) -> ModelOutput:
-        """labels are aligned with input_ids (label[t] is the token at t); position t predicts label[t + 1]."""
+                labels: torch.Tensor | None = None, cache: KVCache | None = None,
+                segment_ids: torch.Tensor | None = None) -> ModelOutput:
+        """labels are aligned with input_ids (label[t] is the token at t); position t predicts label[t + 1].
+        segment_ids [B, T] (packed rows, see llm.segment_mask): 0 = padding, k = k-th sample of the row."""
         embeds = self.embed(input_ids, pixel_values, temporal_ids, image_bound)
         hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, position_ids=position_ids,
-                                cache=cache)  # [B, T, D]
+                                cache=cache, segment_ids=segment_ids)  # [B, T, D]
         if labels is None:
             return ModelOutput(logits=self.llm.lm_head(hidden), loss=None)
         targets = labels[:, 1:]

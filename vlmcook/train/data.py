@@ -1,0 +1,366 @@
+"""Training data: SFT records -> processed samples, skip accounting, a seeded mixture, batches and sequence packing.
+
+SFT JSONL format (one JSON object per line; blank lines are ignored):
+
+    {"id": "doc-17",
+     "images": ["img/doc-17.png"],                                    # paths relative to the JSONL's folder
+     "videos": [{"path": "vid/v3.mp4", "fps": 5, "packing": 2, "max_frames": 64}],   # optional, same rule
+     "messages": [{"role": "user", "content": "(<image>./</image>)\\n(<video>./</video>)\\nWhat ...?"},
+                  {"role": "assistant", "content": "..."}],
+     "meta": {...}}                                                    # free-form, never read here
+
+- `(<image>./</image>)` takes the next entry of "images", `(<video>./</video>)` the next entry of "videos", in the
+  order the markers appear across the messages; the counts must match. Roles are system / user / assistant; the
+  last message must be an assistant turn (every assistant turn is supervised, chat.build_labels).
+- A video entry is `{"path"}` plus any of the processor's video knobs `fps` (sampling rate), `packing` (frames per
+  resampler package, 1-6), `max_frames`, `max_visual_tokens`, `max_slice_nums`, `use_image_id`; missing knobs take
+  the processor's defaults (video.py / processor.py).
+- Mapping to the processor: image markers stay in the text and the images go to `images=`; a video marker splits its
+  string into content items around a `{"type": "video", ...}` item. The processor joins content items with "\\n",
+  so one newline touching the marker on each side is absorbed: `"(<video>./</video>)\\nQ"` renders exactly as the
+  image marker would (a marker written inline gets a newline on each side instead).
+- In memory (synthetic sources), an image entry may also be a PIL image and a video "path" may be mp4 bytes.
+
+Bad input: a line that does not parse, a record of the wrong shape, an image / video that fails to decode or a
+sample longer than `max_length` is skipped and counted in a `SkipLog` (reason, file:line) - or, with `strict=True`,
+raises `DataError` naming file:line and the reason.
+
+Batches: `collate_batch` pads on the right (labels -100 on pads). `pack` puts several samples in one row: its
+`segment_ids [B, T]` (0 = padding, k = k-th sample of the row) make the decoder's attention block-diagonal causal
+and positions restart per sample; visual inputs of a row are its samples' concatenated (bounds shifted).
+
+`Mixture`: sample i is a pure function of (seed, i): a resumed run continues at position i, and rank r of `world`
+processes takes positions r, r + world, ... (`Mixture.iterate`).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Protocol, Sequence
+
+import torch
+
+from vlmcook.data.chat import IGNORE_INDEX
+from vlmcook.data.image import ImageError
+from vlmcook.data.processor import Processor, collate
+from vlmcook.data.video import VideoError
+
+IMAGE_MARKER = "(<image>./</image>)"
+VIDEO_MARKER = "(<video>./</video>)"
+VIDEO_KEYS = ("fps", "packing", "max_frames", "max_visual_tokens", "max_slice_nums", "use_image_id")
+SKIP_REASONS = ("bad_json", "bad_record", "image", "video", "too_long")
+
+
+class DataError(ValueError):
+    """A training record that cannot be used; the message starts with file:line (or the source name and index)."""
+
+    def __init__(self, where: str, reason: str, message: str):
+        super().__init__(f"{where}: {reason}: {message}")
+        self.where, self.reason = where, reason
+
+
+@dataclass
+class SkipLog:
+    """Skipped records: counts per reason and (up to `keep`) the entries (reason, where, message)."""
+
+    counts: Counter = field(default_factory=Counter)
+    entries: list[tuple[str, str, str]] = field(default_factory=list)
+    keep: int = 1000
+
+    def add(self, err: DataError) -> None:
+        self.counts[err.reason] += 1
+        if len(self.entries) < self.keep:
+            self.entries.append((err.reason, err.where, str(err)))
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def summary(self) -> str:
+        if not self.total:
+            return "no records skipped"
+        head = ", ".join(f"{r}: {n}" for r, n in sorted(self.counts.items()))
+        return f"skipped {self.total} records ({head}); first: " + "; ".join(e[2] for e in self.entries[:3])
+
+
+# ---- records -> processor messages -----------------------------------------------------------------------------
+def _resolve(entry: Any, root: Path | None) -> Any:
+    """A relative path is relative to the JSONL's folder; PIL images / bytes pass through."""
+    if isinstance(entry, str) and root is not None and not Path(entry).is_absolute():
+        return str(root / entry)
+    return entry
+
+
+def _video_item(entry: Any, root: Path | None, where: str) -> dict:
+    if not isinstance(entry, dict) or "path" not in entry or set(entry) - {"path", *VIDEO_KEYS}:
+        raise DataError(where, "bad_record", f"a video entry must be {{'path', {', '.join(VIDEO_KEYS)}}}, "
+                                             f"got {entry!r:.120}")
+    return {"type": "video", "video": _resolve(entry["path"], root), **{k: v for k, v in entry.items() if k != "path"}}
+
+
+def _split_videos(text: str, videos: list, root: Path | None, where: str) -> str | list:
+    """Replace each video marker by a video content item; one newline on each side is absorbed by the join."""
+    if VIDEO_MARKER not in text:
+        return text
+    parts, items = text.split(VIDEO_MARKER), []
+    for k, part in enumerate(parts):
+        if k > 0:
+            part = part[1:] if part.startswith("\n") else part
+        if k < len(parts) - 1:
+            part = part[:-1] if part.endswith("\n") else part
+        if part:
+            items.append(part)
+        if k < len(parts) - 1:
+            if not videos:
+                raise DataError(where, "bad_record", f"more {VIDEO_MARKER} markers than entries in 'videos'")
+            items.append(_video_item(videos.pop(0), root, where))
+    return items
+
+
+def record_to_messages(record: Any, root: Path | None = None, where: str = "record") -> tuple[list[dict], list]:
+    """An SFT record -> (messages, images) for `Processor.__call__`. Raises DataError(reason='bad_record')."""
+    if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
+        raise DataError(where, "bad_record", "a record must be an object with a non-empty 'messages' list")
+    images, videos = record.get("images") or [], list(record.get("videos") or [])
+    if not isinstance(images, list) or not isinstance(record.get("videos") or [], list):
+        raise DataError(where, "bad_record", "'images' and 'videos' must be lists")
+    n_markers = 0
+    messages = []
+    for k, m in enumerate(record["messages"]):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
+                or not isinstance(m.get("content"), str):
+            raise DataError(where, "bad_record", f"message {k} must be {{'role': system|user|assistant, "
+                                                 f"'content': str}}")
+        n_markers += m["content"].count(IMAGE_MARKER)
+        messages.append({"role": m["role"], "content": _split_videos(m["content"], videos, root, where)})
+    if n_markers != len(images) or videos:
+        raise DataError(where, "bad_record", f"{n_markers} image markers for {len(images)} images, "
+                                             f"{len(videos)} videos without a marker")
+    if messages[-1]["role"] != "assistant":
+        raise DataError(where, "bad_record", "the last message must be an assistant turn (the training target)")
+    return messages, [_resolve(im, root) for im in images]
+
+
+# ---- sources ---------------------------------------------------------------------------------------------------
+class Records(Protocol):
+    """Anything with a length and `record(i) -> (record dict, where)`."""
+
+    def __len__(self) -> int: ...
+
+    def record(self, i: int) -> tuple[Any, str]: ...
+
+
+class RecordSource:
+    """Map-style source of processed samples (Processor outputs, batch 1) over SFT records.
+
+    `source[i]` -> the sample dict, or None when the record was skipped (counted in `self.skips`); strict -> raises.
+    `root`: folder that relative paths are resolved against (a JSONL's folder)."""
+
+    def __init__(self, records: Records, tokenizer, config, root: str | Path | None = None, strict: bool = False,
+                 max_length: int | None = None, thinking: bool | None = False):
+        self.records, self.strict, self.thinking = records, strict, thinking
+        self.root = Path(root) if root is not None else None
+        self.processor = Processor(tokenizer, config)
+        self.max_length = max_length
+        self.skips = SkipLog()
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, i: int) -> dict | None:
+        if not 0 <= i < len(self):
+            raise IndexError(f"index {i} outside [0, {len(self)})")
+        try:
+            return self._sample(i)
+        except DataError as e:
+            if self.strict:
+                raise
+            self.skips.add(e)
+            return None
+
+    def _sample(self, i: int) -> dict:
+        record, where = self.records.record(i)
+        messages, images = record_to_messages(record, self.root, where)
+        try:
+            out = self.processor(messages, images, thinking=self.thinking, add_generation_prompt=False)
+        except ImageError as e:
+            raise DataError(where, "image", str(e)) from None
+        except VideoError as e:
+            raise DataError(where, "video", str(e)) from None
+        except (ValueError, OSError) as e:  # e.g. a missing file, a marker the chat template drops
+            raise DataError(where, "bad_record", str(e)) from None
+        T = out["input_ids"].shape[1]
+        if self.max_length is not None and T > self.max_length:
+            raise DataError(where, "too_long", f"{T} tokens > max_length={self.max_length}")
+        out["id"] = record.get("id", where)
+        return out
+
+
+class JsonlRecords:
+    """Lines of an SFT JSONL file, indexed by byte offset at open (blank lines dropped), parsed on access."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise FileNotFoundError(f"{self.path}: no such JSONL file")
+        self.offsets: list[tuple[int, int]] = []  # (byte offset, 1-based line number)
+        with open(self.path, "rb") as f:
+            pos = 0
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    self.offsets.append((pos, n))
+                pos += len(line)
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def record(self, i: int) -> tuple[Any, str]:
+        pos, n = self.offsets[i]
+        where = f"{self.path}:{n}"
+        with open(self.path, "rb") as f:
+            f.seek(pos)
+            line = f.readline()
+        try:
+            return json.loads(line.decode("utf-8")), where
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(where, "bad_json", str(e)) from None
+
+
+class JsonlSource(RecordSource):
+    """An SFT JSONL file as a map-style source; relative media paths are resolved against its folder."""
+
+    def __init__(self, path: str | Path, tokenizer, config, strict: bool = False, max_length: int | None = None,
+                 thinking: bool | None = False):
+        records = JsonlRecords(path)
+        super().__init__(records, tokenizer, config, records.path.parent, strict, max_length, thinking)
+
+
+class ListRecords:
+    """Records held in memory (a list, or any object with `__len__` and `__getitem__(i) -> record`)."""
+
+    def __init__(self, items, name: str = "memory"):
+        self.items, self.name = items, name
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def record(self, i: int) -> tuple[Any, str]:
+        return self.items[i], f"{self.name}[{i}]"
+
+
+# ---- mixture ---------------------------------------------------------------------------------------------------
+class Mixture:
+    """Weighted mixture of map-style sources; sample i depends on (seed, i) only.
+
+    A source may return None (a skipped record): the draw is then repeated with a new attempt number, still a pure
+    function of (seed, i, attempt), up to `max_attempts`."""
+
+    def __init__(self, sources: Sequence[tuple[Any, float]], seed: int, max_attempts: int = 32):
+        if not sources or any(w < 0 for _, w in sources) or sum(w for _, w in sources) <= 0:
+            raise ValueError("Mixture: give (source, weight) pairs with weights >= 0 and a positive sum")
+        if any(len(s) == 0 for s, w in sources if w > 0):
+            raise ValueError("Mixture: a source with a positive weight is empty")
+        self.sources = [s for s, _ in sources]
+        self.weights = [float(w) for _, w in sources]
+        self.seed, self.max_attempts = seed, max_attempts
+
+    def draw(self, i: int, attempt: int = 0) -> tuple[int, int]:
+        """Position i -> (source index, item index), pure in (seed, i, attempt)."""
+        rng = random.Random(f"mixture:{self.seed}:{i}:{attempt}")  # str seeds hash with sha512: stable everywhere
+        k = rng.choices(range(len(self.sources)), weights=self.weights)[0]  # a zero weight is never chosen
+        return k, rng.randrange(len(self.sources[k]))
+
+    def __getitem__(self, i: int) -> dict:
+        if i < 0:
+            raise IndexError(f"Mixture: position {i} must be >= 0 (the stream has no end to count from)")
+        for attempt in range(self.max_attempts):
+            k, j = self.draw(i, attempt)
+            sample = self.sources[k][j]
+            if sample is not None:
+                return sample
+        raise RuntimeError(f"Mixture: position {i}: {self.max_attempts} draws were all skipped records; see each "
+                           f"source's .skips")
+
+    def iterate(self, start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, dict]]:
+        """Yield (position, sample) for positions start + rank, start + rank + world_size, ... (forever).
+        Resume with start = the next unconsumed global position (a multiple of world_size)."""
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} must be in [0, world_size={world_size})")
+        i = start + rank
+        while True:
+            yield i, self[i]
+            i += world_size
+
+
+# ---- batches ---------------------------------------------------------------------------------------------------
+def collate_batch(samples: Sequence[dict], pad_id: int) -> dict[str, Any]:
+    """Samples (batch-1 processor outputs) -> a right-padded batch; labels are -100 on padding."""
+    keep = ("input_ids", "attention_mask", "labels", "pixel_values", "temporal_ids", "image_bound")
+    return collate([{k: s[k] for k in keep if k in s} for s in samples], pad_id, padding_side="right")
+
+
+def pack_rows(lengths: Sequence[int], max_tokens: int) -> list[list[int]]:
+    """First-fit, in order: sample indices per row, each row's total length <= max_tokens."""
+    rows, room = [], []
+    for i, n in enumerate(lengths):
+        if n > max_tokens:
+            raise ValueError(f"pack: sample {i} has {n} tokens, more than max_tokens={max_tokens}")
+        r = next((k for k, left in enumerate(room) if left >= n), None)
+        if r is None:
+            rows.append([])
+            room.append(max_tokens)
+            r = len(rows) - 1
+        rows[r].append(i)
+        room[r] -= n
+    return rows
+
+
+def pack(samples: Sequence[dict], max_tokens: int, pad_id: int = 0) -> dict[str, Any]:
+    """Pack samples into rows of <= max_tokens (padded to the longest row). Adds `segment_ids [B, T]` and
+    `position_ids [B, T]` (restarting per sample); pass both to MiniCPMV.forward. `attention_mask` = segment > 0."""
+    rows = pack_rows([s["input_ids"].shape[1] for s in samples], max_tokens)
+    T = max(sum(samples[i]["input_ids"].shape[1] for i in row) for row in rows)
+    B = len(rows)
+    ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    seg = torch.zeros(B, T, dtype=torch.long)
+    pos = torch.zeros(B, T, dtype=torch.long)
+    out: dict[str, Any] = {"pixel_values": [], "temporal_ids": [], "image_bound": []}
+    for b, row in enumerate(rows):
+        t, views, packages, bounds = 0, [], [], []
+        for k, i in enumerate(row, 1):
+            s = samples[i]
+            n = s["input_ids"].shape[1]
+            ids[b, t:t + n] = s["input_ids"][0]
+            if "labels" in s:
+                labels[b, t:t + n] = s["labels"][0]
+                labels[b, t] = IGNORE_INDEX  # never a target of the previous sample's last token
+            seg[b, t:t + n] = k
+            pos[b, t:t + n] = torch.arange(n)
+            views += s["pixel_values"][0]
+            packages += s["temporal_ids"][0]
+            bounds.append(s["image_bound"][0].reshape(-1, 2) + t)
+            t += n
+        out["pixel_values"].append(views)
+        out["temporal_ids"].append(packages)
+        out["image_bound"].append(torch.cat(bounds))
+    out.update(input_ids=ids, labels=labels, segment_ids=seg, position_ids=pos, attention_mask=(seg > 0).long(),
+               rows=rows)
+    return out
+
+
+def batch_tokens(batch: dict) -> int:
+    """Real (non-padding) tokens of a batch from collate_batch or pack."""
+    return int(batch["attention_mask"].sum())
+
+
+def model_inputs(batch: dict) -> dict[str, Any]:
+    """The keys of a batch that MiniCPMV.forward takes (drops `rows`, `id`, ...)."""
+    keys = ("input_ids", "attention_mask", "pixel_values", "temporal_ids", "image_bound", "position_ids", "labels",
+            "segment_ids")
+    return {k: batch[k] for k in keys if k in batch}
+
