@@ -1,0 +1,227 @@
+"""The training loop, one for every stage: pt1 / pt2 / pt3 (WSD), sft (cosine), video3d (warmup then cosine decay on
+video data whose package sizes and frame rates the data source randomises).
+
+Notable:
+- Loss normalisation is per *token over the global batch*: each micro-batch's mean CE is re-weighted by
+  `n_tokens * world / N_global` (N_global = label tokens over all micro-batches of all ranks), so DDP/FSDP's gradient
+  *average* and accumulation give exactly the gradient of the mean CE over every labelled token of the step, the same
+  as one process on the whole global batch (a plain `loss / accum` would over-weight short micro-batches).
+- A micro-batch without images still runs the vision side on a masked dummy view when other ranks may have images or
+  the vision side trains (common.add_dummy_visual): DDP then sees every parameter, FSDP2 ranks issue the same
+  collectives, and AdamW's decay/momentum act on every trainable tensor every step, whatever the world size.
+- bf16 only on CUDA (autocast for none/DDP; FSDP2's MixedPrecisionPolicy with fp32 gradient reduction); CPU stays
+  fp32 (bf16 is slower there and resume identity is checked in fp32).
+- `batches` is a function `position -> iterator of micro-batches` (position = micro-batches this rank already
+  consumed); a list is accepted and cycled. That position is all the data state a resume needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import time
+from dataclasses import dataclass, replace
+from typing import Callable, Iterator, Sequence
+
+import torch
+import torch.nn as nn
+from tqdm import tqdm
+
+from vlmcook.model.lora import DEFAULT_TARGETS, add_lora, has_lora
+from vlmcook.train import common as C
+from vlmcook.train import state as S
+
+# Per-stage defaults from the report (reference-training-recipe.md sections 2-3); warmup/decay lengths are not
+# public: 1% warmup as the released finetune script, 10% decay as MiniCPM found sufficient.
+STAGE_DEFAULTS = {
+    "pt1": dict(schedule="wsd", lr=5e-5, min_lr=1e-5),
+    "pt2": dict(schedule="wsd", lr=5e-5, min_lr=1e-5),
+    "pt3": dict(schedule="wsd", lr=5e-5, min_lr=1e-5),
+    "sft": dict(schedule="cosine", lr=1e-5, min_lr=1e-6),
+    "video3d": dict(schedule="cosine", lr=5e-6, min_lr=1e-6),
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stage: str = "sft"
+    steps: int = 100
+    lr: float = 1e-5  # peak
+    min_lr: float = 1e-6  # floor reached at the last step
+    schedule: str = "cosine"  # wsd | cosine | constant
+    warmup_frac: float = 0.01
+    decay_frac: float = 0.1  # WSD only: the last fraction of steps decays
+    decay_shape: str = "exp"  # WSD only: exp (MiniCPM) | linear
+    batch_size: int = 1  # samples per micro-batch per rank (the data side builds them)
+    grad_accum: int = 1
+    clip: float = 1.0  # max global grad norm; 0 = off
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    eps: float = 1e-8  # AdamW epsilon
+    grad_checkpointing: bool = False
+    bf16: bool = True  # on CUDA only; CPU runs in fp32
+    lora: bool = False
+    lora_r: int = 64
+    lora_alpha: float = 64.0
+    lora_dropout: float = 0.05
+    lora_targets: str = DEFAULT_TARGETS
+    lora_save_merged: bool = True
+    dist: str = "none"  # none | ddp | fsdp
+    out_dir: str | None = None
+    save_every: int = 0  # 0: only at the end
+    resume: bool = False
+    seed: int = 0
+    log_every: int = 10
+
+    def __post_init__(self):
+        checks = [(self.stage in C.STAGES, f"stage must be one of {C.STAGES}"),
+                  (self.schedule in ("wsd", "cosine", "constant"), "schedule must be wsd, cosine or constant"),
+                  (self.dist in ("none", "ddp", "fsdp"), "dist must be none, ddp or fsdp"),
+                  (self.steps >= 1 and self.grad_accum >= 1 and self.batch_size >= 1, "steps, grad_accum and "
+                   "batch_size must be >= 1"),
+                  (0 <= self.warmup_frac and 0 <= self.decay_frac and self.warmup_frac + self.decay_frac <= 1,
+                   "warmup_frac + decay_frac must lie in [0, 1]"),
+                  (0 <= self.min_lr <= self.lr, "need 0 <= min_lr <= lr"),
+                  (not self.resume or self.out_dir, "resume needs out_dir")]
+        for ok, msg in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {msg} (got {self})")
+
+    @staticmethod
+    def for_stage(stage: str, **overrides) -> "TrainConfig":
+        return replace(TrainConfig(stage=stage, **STAGE_DEFAULTS.get(stage, {})), **overrides)
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    warmup = C.frac_steps(cfg.warmup_frac, cfg.steps)
+    if cfg.schedule == "wsd":
+        decay = C.frac_steps(cfg.decay_frac, cfg.steps)
+        return C.wsd_lr(step, cfg.steps, cfg.lr, cfg.min_lr, warmup, decay, cfg.decay_shape)
+    if cfg.schedule == "cosine":
+        return C.cosine_lr(step, cfg.steps, cfg.lr, cfg.min_lr, warmup)
+    return cfg.lr
+
+
+# ---- setup (kept out of the loop body) ------------------------------------------------------------------------
+def wrap_model(model: nn.Module, cfg: TrainConfig, dist: C.Dist) -> nn.Module:
+    if cfg.dist == "none" or not dist.enabled:
+        if dist.enabled:
+            raise ValueError(f"{dist.world_size} processes but TrainConfig.dist='none': use ddp or fsdp")
+        return model
+    if cfg.dist == "ddp":
+        ids = [dist.device] if dist.device.type == "cuda" else None
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp = MixedPrecisionPolicy()
+    if cfg.bf16 and dist.device.type == "cuda":
+        mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    # One FSDP unit per transformer block (all-gathered just in time), the rest (embeddings, head, resampler,
+    # norms) in the root unit.
+    for layer in [*model.llm.model.layers, *model.vpm.encoder.layers]:
+        fully_shard(layer, mp_policy=mp)
+    return fully_shard(model, mp_policy=mp)
+
+
+def _batch_source(batches) -> Callable[[int], Iterator[dict]]:
+    if callable(batches):
+        return batches
+    items = list(batches)
+    if not items:
+        raise ValueError("train: no batches")
+    return lambda pos: (items[i % len(items)] for i in itertools.count(pos))
+
+
+def _sync(model: nn.Module, cfg: TrainConfig, last: bool):
+    """Reduce gradients across ranks only on the last micro-batch of a step."""
+    if cfg.dist == "ddp" and isinstance(model, nn.parallel.DistributedDataParallel) and not last:
+        return model.no_sync()
+    if cfg.dist == "fsdp" and hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(last)
+    return contextlib.nullcontext()
+
+
+def _autocast(cfg: TrainConfig, dist: C.Dist):
+    if cfg.bf16 and dist.device.type == "cuda" and cfg.dist != "fsdp":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---- the loop --------------------------------------------------------------------------------------------------
+def train(cfg: TrainConfig, model: nn.Module, batches: Callable[[int], Iterator[dict]] | Sequence[dict],
+          dist: C.Dist | None = None, tokenizer=None, on_step: Callable[[int, dict], None] | None = None
+          ) -> list[float]:
+    """Train `model` (a MiniCPMV, unwrapped) for cfg.steps optimizer steps; returns the loss of every step run."""
+    dist = dist or C.setup_distributed()
+    C.seed_everything(cfg.seed)
+    model_config = model.config
+    if cfg.lora and not has_lora(model):
+        add_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
+    n_train, n_frozen = C.set_trainable(model, cfg.stage)
+    C.seed_everything(cfg.seed + dist.rank)  # same LoRA init on every rank above; different dropout masks below
+    C.print0(f"stage {cfg.stage}: {n_train:,} trainable / {n_frozen:,} frozen parameters")
+    start, position, state = 0, 0, None
+    folder = S.latest_checkpoint(cfg.out_dir) if cfg.resume else None
+    if cfg.resume and folder is None:
+        C.print0(f"resume: no checkpoint in {cfg.out_dir} yet, starting from step 0")
+    if folder is not None:
+        state = S.read_checkpoint(folder, cfg, model_config, dist)
+        S.load_model_state(folder, model)
+        start, position = state["step"], state["data_position"]
+        C.print0(f"resuming from {folder} at step {start}")
+    model.llm.model.gradient_checkpointing = cfg.grad_checkpointing
+    if not (cfg.dist == "fsdp" and dist.enabled):  # fully_shard moves only each rank's shard to the device
+        model.to(dist.device)
+    model.train()
+    vision_trains = any(p.requires_grad for n, p in model.named_parameters() if not n.startswith("llm."))
+    net = wrap_model(model, cfg, dist)
+    opt = C.make_optimizer(net, cfg.lr, cfg.weight_decay, cfg.betas, cfg.eps)
+    if state is not None:
+        S.load_trainer_state(state, net, opt, dist)
+    params = [p for p in net.parameters() if p.requires_grad]
+    data = _batch_source(batches)(position)
+    history: list[float] = []
+    bar = tqdm(total=cfg.steps, initial=start, desc=cfg.stage, disable=not dist.is_main, dynamic_ncols=True)
+    for step in range(start, cfg.steps):
+        t0 = time.perf_counter()
+        lr = lr_at(cfg, step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        micro = [next(data) for _ in range(cfg.grad_accum)]
+        position += cfg.grad_accum
+        counts = [C.label_tokens(b) for b in micro]
+        # Label tokens of the whole global step: every micro-batch's loss is weighted by its share of them.
+        total = C.all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64, device=dist.device), dist).item()
+        loss_sum = torch.zeros((), device=dist.device)
+        tokens = 0
+        for i, b in enumerate(micro):
+            if not C.has_visuals(b) and (dist.enabled or vision_trains):
+                b = C.add_dummy_visual(b, model_config.query_num, model_config.patch_size)
+            b = C.to_device(b, dist.device)
+            mask = b.get("attention_mask")
+            tokens += int(mask.sum()) if mask is not None else b["input_ids"].numel()
+            with _sync(net, cfg, last=i == len(micro) - 1), _autocast(cfg, dist):
+                out = net(**b)
+                weight = counts[i] * dist.world_size / max(total, 1.0)
+                (out.loss * weight).backward()
+            loss_sum += out.loss.detach().float() * counts[i]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        loss = C.all_reduce_sum(loss_sum, dist).item() / max(total, 1.0)
+        history.append(loss)
+        tokens_s = C.all_reduce_sum(torch.tensor(float(tokens), device=dist.device), dist).item()
+        tokens_s /= time.perf_counter() - t0
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        metrics = {"loss": loss, "lr": lr, "grad_norm": float(grad_norm), "tokens_per_s": tokens_s}
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_s:,.0f}")
+        if dist.is_main and cfg.log_every and (step + 1) % cfg.log_every == 0:
+            bar.write(f"step {step + 1}/{cfg.steps} loss {loss:.4f} lr {lr:.3e} grad_norm {float(grad_norm):.3f} "
+                      f"tokens/s {tokens_s:,.0f}")
+        done = step + 1
+        if cfg.out_dir and ((cfg.save_every and done % cfg.save_every == 0) or done == cfg.steps):
+            S.save_checkpoint(cfg.out_dir, done, net, opt, cfg, position, dist, model_config, tokenizer)
+        if on_step is not None:
+            on_step(step, metrics)
+    bar.close()
+    return history
