@@ -1,4 +1,3 @@
-import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +8,9 @@ REFERENCE_DIR = Path(__file__).resolve().parents[2] / "shared" / "reference" / "
 needs_reference = pytest.mark.skipif(not REFERENCE_DIR.is_dir(), reason=f"released reference files not found at "
                                      f"{REFERENCE_DIR} (only present on the project's machines)")
 
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# One thread: the tiny models gain nothing from more, and tests that start subprocesses (torchrun, tesseract, the
+# server) would otherwise oversubscribe 2 cores, which slows small ops by an order of magnitude.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)

@@ -311,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmcook.train.cli import add_parser as add_train_parser
 
     add_train_parser(sub)
+    from vlmcook.rl.cli import add_parser as add_rl_parser
+
+    add_rl_parser(sub)
 
     data = sub.add_parser("data", help="generate training data").add_subparsers(dest="data_command", required=True,
                                                                                  metavar="KIND")
