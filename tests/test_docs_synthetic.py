@@ -117,3 +117,15 @@ def test_tesseract_reads_each_box_text():
         shifted.append((p.image, Region(r.text, (x1, y1 + dy, x2, y2 + dy), 0, r.kind, r.lines)))
     shifted = region_cers(shifted)
     assert np.mean(shifted) > 0.3, shifted
+
+
+def test_small_pages_never_clip_a_title():
+    # Regression: on tiny pages a wrapped title used to run past the bottom; its line box was clamped to zero height
+    # (text in the target that the image does not show). render_page validates every line box now.
+    from vlmcook.data.docs.synthetic import SyntheticConfig, render_page
+
+    cfg = SyntheticConfig(width=(216, 224), aspect=(0.4, 0.5), body_size=(11, 13), block_weights=(0, 1, 0, 0, 0),
+                          title_prob=1, header_prob=0, footer_prob=0, two_column_prob=0, scan_prob=0.5)
+    for i in range(50, 60):
+        page = render_page(i, 1000, cfg)
+        assert all(ln.bbox[3] > ln.bbox[1] for r in page.regions for ln in r.lines)

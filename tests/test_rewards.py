@@ -78,7 +78,7 @@ def test_anls_hand_values():
     assert R.anls("helo", "hello") == pytest.approx(1 - 1 / 5)  # lev 1, max len 5
     assert R.anls("abc", "xyz") == 0.0  # NL = 1 >= 0.5
     assert R.anls("Hello ", ["bye", "hello"]) == 1.0  # case, trim, max over references
-    assert R.levenshtein("kitten", "sitting") == 3
+    assert R.edit_distance("kitten", "sitting") == 3
 
 
 def test_concise_preference():

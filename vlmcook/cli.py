@@ -16,6 +16,11 @@ REPL_HELP = ("commands: /reset (new conversation, same --image/--video), /image 
 
 
 def _demo(args) -> int:
+    if args.rl:  # the RL flavour: long-only vs hybrid GRPO on a toy verifiable task (reports/rl.md)
+        from vlmcook.rl.demo import run_rl_demo
+
+        run_rl_demo(out=args.out if args.out != "runs/demo" else "runs/demo_rl", quick=args.quick, seed=args.seed)
+        return 0
     from vlmcook.demo import run
 
     return run(out=args.out, seed=args.seed, quick=args.quick, steps=args.steps)
@@ -300,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--quick", action="store_true", help="the short flavour (under ~5 minutes on 2 cores)")
     d.add_argument("--steps", type=int, default=None, metavar="N",
                    help="optimizer steps of every stage (overrides the plan; for smoke runs)")
+    d.add_argument("--rl", action="store_true",
+                   help="instead: the hybrid-vs-long-only RL comparison (default out: runs/demo_rl)")
     d.set_defaults(fn=_demo)
 
     i = sub.add_parser("info", help="describe a checkpoint folder (validates every shard without loading)")

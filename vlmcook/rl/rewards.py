@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from vlmcook.eval.metrics import edit_distance
+
 THINK, END_THINK = "<think>", "</think>"
 _NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
@@ -118,23 +120,13 @@ def verify_string(answer: str, reference: str | Sequence[str]) -> float:
     return float(any(normalise(answer) == normalise(r) for r in refs))
 
 
-def levenshtein(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
-
-
 def anls(answer: str, reference: str | Sequence[str], tau: float = 0.5) -> float:
     """ANLS (DocVQA): max over references of 1 - NL if NL < tau else 0, NL = lev / max(len), case-folded, trimmed."""
     refs = [reference] if isinstance(reference, str) else list(reference)
     best = 0.0
     for r in refs:
         a, r = " ".join(answer.lower().split()), " ".join(str(r).lower().split())
-        nl = levenshtein(a, r) / max(len(a), len(r), 1)
+        nl = edit_distance(a, r) / max(len(a), len(r), 1)
         best = max(best, 1.0 - nl if nl < tau else 0.0)
     return best
 

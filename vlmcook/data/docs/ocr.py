@@ -15,20 +15,11 @@ from PIL import Image, ImageOps
 
 from vlmcook.data.docs.corrupt import text_height
 from vlmcook.data.docs.page import Region
+from vlmcook.eval.metrics import edit_distance
 
 
 def normalise(s: str) -> str:
     return " ".join(s.split())
-
-
-def edit_distance(a: str, b: str) -> int:
-    prev = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        cur = [i]
-        for j, cb in enumerate(b, 1):
-            cur.append(min(prev[j] + 1, cur[j - 1] + 1, prev[j - 1] + (ca != cb)))
-        prev = cur
-    return prev[-1]
 
 
 def cer(ref: str, hyp: str) -> float:

@@ -57,6 +57,11 @@ class Page:
             x1, y1, x2, y2 = r.bbox
             if not (0 <= x1 < x2 <= w and 0 <= y1 < y2 <= h):
                 raise ValueError(f"{self.source}: region {r.order} bbox {r.bbox} outside the {w}x{h} image or empty")
+            for ln in r.lines:  # a clipped line would put text in the target that the image does not show
+                lx1, ly1, lx2, ly2 = ln.bbox
+                if not (0 <= lx1 < lx2 <= w and 0 <= ly1 < ly2 <= h):
+                    raise ValueError(f"{self.source}: region {r.order} has a line box {ln.bbox} outside the "
+                                     f"{w}x{h} image or empty")
             if r.kind not in KINDS:
                 raise ValueError(f"{self.source}: region {r.order} kind {r.kind!r} not in {KINDS}")
             if not r.text.strip():

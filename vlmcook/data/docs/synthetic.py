@@ -287,8 +287,9 @@ def _layout(rng, cfg, st, text, draw, size, fill) -> list[Region]:
     if rng.random() < cfg.title_prob:
         blk = _text_block(text.title(rng), _font(st.bold, round(st.size * rng.uniform(1.5, 2.1))), w - 2 * margin,
                           1.25, "title", center=rng.random() < 0.5)
-        _draw_block(draw, blk, margin, top, fill, regions, cfg.pad, size)
-        top += blk.height + st.size
+        if blk.height <= bottom - top:  # a title that would run off a small page is left out, never clipped
+            _draw_block(draw, blk, margin, top, fill, regions, cfg.pad, size)
+            top += blk.height + st.size
     ncol = 2 if rng.random() < cfg.two_column_prob else 1
     gutter = round(st.size * 1.5)
     colw = (w - 2 * margin - gutter * (ncol - 1)) // ncol

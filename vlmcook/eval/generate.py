@@ -1,0 +1,38 @@
+"""Greedy answers for a list of prompts, through the inference engine (batched, left-padded, KV cache)."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from vlmcook.data.processor import collate
+from vlmcook.infer.engine import Engine, SamplingParams
+
+
+def prompt_of(processor, messages: list[dict], images=None) -> dict:
+    """Processor inputs for everything before the final assistant turn, ending in the generation prompt
+    (thinking=False: the same empty think block the training samples carry)."""
+    if messages and messages[-1]["role"] == "assistant":
+        messages = messages[:-1]
+    return processor(messages, images, thinking=False, add_generation_prompt=True)
+
+
+@torch.no_grad()
+def greedy(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+    """Decode every prompt greedily; prompts of similar length are batched together (less padding)."""
+    engine = Engine(model, tokenizer)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i]["input_ids"].shape[1])
+    out: list[str] = [""] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        for s in range(0, len(order), batch_size):
+            idx = order[s:s + batch_size]
+            batch = collate([prompts[i] for i in idx], tokenizer.pad_id, padding_side="left")
+            for i, g in zip(idx, engine.generate(batch, params)):
+                out[i] = tokenizer.decode(g.token_ids, skip_special_tokens=True)
+    finally:
+        model.train(was_training)
+    return out
