@@ -25,7 +25,7 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from vlmcook.config import PRESETS, ResamplerConfig, VisionConfig
+from vlmcook.config import PRESETS, ResamplerConfig
 from vlmcook.data.image import image_layout
 from vlmcook.model.resampler import Resampler, pos_embed_2d, temporal_embed
 from vlmcook.model.vision import VisionTransformer, navit_position_ids, patchify
@@ -74,7 +74,7 @@ def padded_tower(vpm: VisionTransformer, views: list[torch.Tensor], sizes) -> to
 
 def padded_resampler(rs: Resampler, x: torch.Tensor, sizes, packages) -> torch.Tensor:
     """Every package padded to the longest one, one masked attention batch (the reference's batch path)."""
-    D, H = rs.query.shape[1], rs.attn.num_heads if hasattr(rs.attn, "num_heads") else None
+    D, heads = rs.query.shape[1], rs.attn.num_heads
     u = rs.ln_kv(rs.kv_proj(x))  # [N, D]
     keys, offs = [], 0
     view = 0
@@ -97,20 +97,12 @@ def padded_resampler(rs: Resampler, x: torch.Tensor, sizes, packages) -> torch.T
         K[g, :len(k)], V[g, :len(v)], keep[g, :len(k)] = k, v, True
     Wq, Wk, Wv = rs.attn.in_proj_weight.chunk(3)
     bq, bk, bv = rs.attn.in_proj_bias.chunk(3)
-    heads = H or rs_heads(rs)
     q = F.linear(rs.ln_q(rs.query), Wq, bq).view(1, -1, heads, D // heads).transpose(1, 2).expand(G, -1, -1, -1)
     k = F.linear(K, Wk, bk).view(G, L, heads, D // heads).transpose(1, 2)
     v = F.linear(V, Wv, bv).view(G, L, heads, D // heads).transpose(1, 2)
     o = F.scaled_dot_product_attention(q, k, v, attn_mask=keep[:, None, None, :])
     o = rs.attn.out_proj(o.transpose(1, 2).reshape(G, -1, D))
     return rs.ln_post(o) @ rs.proj
-
-
-def rs_heads(rs: Resampler) -> int:
-    for name in ("num_heads", "n_head", "heads"):
-        if hasattr(rs.attn, name):
-            return getattr(rs.attn, name)
-    raise AttributeError("resampler attention head count not found")
 
 
 def timed(fn, reps: int) -> float:

@@ -3,7 +3,6 @@ batch == single, multi-turn, video knobs, loading. Scripted fake model (test_eng
 must be known; tiny random-weight MiniCPMV elsewhere (no test relies on its text)."""
 
 import random
-from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -177,20 +176,12 @@ def test_chat_batch_equals_single(tiny):
 
 
 def _write_video(path, seconds=2, fps=10, w=64, h=48):
-    import av
+    from PIL import Image
 
-    c = av.open(str(path), "w")
-    s = c.add_stream("mpeg4", rate=fps)
-    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-    s.codec_context.time_base = Fraction(1, fps)
-    for i in range(seconds * fps):
-        frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), i * 10 % 256, dtype=np.uint8), format="rgb24")
-        frame.pts, frame.time_base = i, Fraction(1, fps)
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
+    from vlmcook.data.synth_video import encode_mp4
+
+    frames = [Image.new("RGB", (w, h), (i * 10 % 256,) * 3) for i in range(seconds * fps)]
+    path.write_bytes(encode_mp4(frames, fps, codec="mpeg4"))
     return path
 
 
