@@ -15,17 +15,6 @@ from vlmcook.rl import rewards as R
 from vlmcook.rl.rollout import Completion, ContinuationScorer, Group, Task
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from intra-op threads; on a shared 2-core machine 2 threads made each small
-    linear ~40x slower (OpenMP waits), so these tests run single-threaded and restore the setting after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_format_reward_catches_stray_and_missing_think():
     assert R.format_reward("12", long=False) == 0.0
     assert R.format_reward("12</think>", long=False) == -1.0  # stray close tag in short mode

@@ -21,17 +21,6 @@ from vlmcook.rl.rollout import ContinuationScorer, Task, draw_modes, make_groups
 from vlmcook.rl.train import RLConfig, evaluate_policy, train_rl
 
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny matrices gain nothing from intra-op threads; on a shared 2-core machine 2 threads made each small
-    linear ~40x slower (OpenMP waits), so these tests run single-threaded and restore the setting after."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def tok():
     return Tokenizer.tiny()
