@@ -63,3 +63,83 @@ def test_demo_quick_real(tmp_path):
     _, r = _check_outputs(tmp_path, PLANS["quick"].name, PLANS["quick"].steps)
     assert wall < 420, f"quick demo took {wall:.0f} s"
     assert r["verdict"]["ocr"]["learned"] and r["verdict"]["video"]["learned"], r["verdict"]
+
+
+# ---- the demo's from-scratch pieces: grid pages and positional resampler queries ---------------------------------
+
+def test_grid_page_one_glyph_per_cell_and_legible():
+    """Ink lies exactly in the cells of the region's text (checked on the pixels, not on our boxes), and tesseract
+    reads the page's text (an independent legibility oracle)."""
+    import numpy as np
+
+    from vlmcook.data.docs.ocr import read_region
+    from vlmcook.data.docs.synthetic import find_fonts
+    from vlmcook.demo import CELL, TEXT_ROWS, VIEW_SIZE, demo_text, grid_page
+    from vlmcook.eval.metrics import edit_distance
+
+    fonts, text = find_fonts(), demo_text(0)
+    cers = []
+    for i in range(12):
+        page = grid_page(i, 0, text, fonts)
+        assert page.image.size == VIEW_SIZE and len(page.regions) == 1
+        region = page.regions[0]
+        a = np.asarray(page.image.convert("L"), dtype=np.float32)
+        paper = np.median(a)
+        ink = np.abs(a - paper) > 60  # [98, 196]
+        lines = region.text.split(" ")
+        typed = {}  # (row, col) -> char, rebuilt from the region's lines
+        for row, line in zip(TEXT_ROWS, [ln.text for ln in region.lines]):
+            for k, ch in enumerate(line):
+                typed[(row, k)] = ch
+        assert " ".join(ln.text for ln in region.lines) == region.text and lines
+        for r in TEXT_ROWS:
+            for c in range(VIEW_SIZE[0] // CELL):
+                has_ink = ink[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL].sum() > 3
+                assert has_ink == (typed.get((r, c), " ") != " "), (i, r, c, region.text)
+        # rows between the text rows: at most descenders / ascenders reaching a few px over the cell edge
+        near = np.zeros(VIEW_SIZE[1], dtype=bool)
+        for r in TEXT_ROWS:
+            near[max(0, r * CELL - 4):(r + 1) * CELL + 4] = True
+        assert not ink[~near].any(), i
+        # letter-spaced type: compare without spaces
+        got, want = "".join(read_region(page.image, region).split()), region.text.replace(" ", "")
+        cers.append(edit_distance(got, want) / len(want))
+    assert sum(cers) / len(cers) < 0.15, cers
+
+
+def test_positional_queries_attend_their_cell():
+    """After positional_queries, every head of query i puts its largest attention weight on cell cells[i], for
+    random patch features; computed by hand from the parameters (not through Resampler.forward)."""
+    import torch.nn.functional as F
+
+    from vlmcook.demo import demo_config, grid_cells, positional_queries
+    from vlmcook.model.resampler import Resampler, pos_embed_2d
+
+    cfg = demo_config().resampler
+    torch.manual_seed(0)
+    rs = Resampler(cfg)
+    cells = grid_cells(cfg.num_queries)
+    positional_queries(rs, cells)
+    h, w = 7, 14
+    x = torch.randn(h * w, cfg.kv_dim)
+    D, H = cfg.embed_dim, cfg.num_heads
+    with torch.no_grad():
+        q = F.layer_norm(rs.query, (D,), rs.ln_q.weight, rs.ln_q.bias, rs.ln_q.eps)
+        k = F.layer_norm(x @ rs.kv_proj.weight.T, (D,), rs.ln_kv.weight, rs.ln_kv.bias, rs.ln_kv.eps)
+        k = k + pos_embed_2d(h, w, D).reshape(h * w, D)
+        wq, wk, _ = rs.attn.in_proj_weight.split(D)
+        qh = (q @ wq.T).view(-1, H, D // H)
+        kh = (k @ wk.T).view(-1, H, D // H)
+        att = torch.einsum("qhd,khd->hqk", qh, kh).softmax(-1)  # [H, Q, h*w]
+    want = torch.tensor([r * w + c for r, c in cells])
+    assert torch.equal(att.argmax(-1), want.expand(H, -1))
+    assert att.max(-1).values.min() > 0.3  # peaked, not a near-uniform 1/98
+    # an untouched reference init does not do this
+    ref = Resampler(cfg)
+    with torch.no_grad():
+        q0 = F.layer_norm(ref.query, (D,))
+        wq0, wk0, _ = ref.attn.in_proj_weight.split(D)
+        k0 = F.layer_norm(x @ ref.kv_proj.weight.T, (D,)) + pos_embed_2d(h, w, D).reshape(h * w, D)
+        att0 = torch.einsum("qhd,khd->hqk", (q0 @ wq0.T).view(-1, H, D // H), (k0 @ wk0.T).view(-1, H, D // H))
+        att0 = att0.softmax(-1)
+    assert (att0.argmax(-1) == want.expand(H, -1)).float().mean() < 0.2

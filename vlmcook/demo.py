@@ -51,21 +51,81 @@ MIXTURES = {
 }
 
 
+# Demo views are one 196 x 98 px page / frame = a 7 x 14 grid of 14-px patches (the processor keeps that size at
+# scale_resolution 140). Page text is typed on that grid, one character per patch, on rows TEXT_ROWS.
+CELL, GRID_ROWS, GRID_COLS = 14, 7, 14
+VIEW_SIZE = (GRID_COLS * CELL, GRID_ROWS * CELL)
+TEXT_ROWS = (1, 3, 5)
+
+
 def demo_config():
-    """Demo-sized model: 3-layer 128-wide Qwen3, 2-layer 64-wide SigLIP, 16 queries, single 140-px views (10x10
-    patches; a 224 x 100 page becomes 15 x 7 patches, so its 11-27 px glyphs keep about their size)."""
+    """Demo-sized model: 3-layer 128-wide Qwen3, 2-layer 64-wide SigLIP, 42 queries (one per text cell: rows
+    TEXT_ROWS x 14 columns), single 140-px-scale views (a 196 x 98 page stays 7 x 14 patches)."""
     tiny = PRESETS["tiny"]
     vision = VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4)
     llm = replace(tiny.llm, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=32)
-    resampler = ResamplerConfig(num_queries=16, embed_dim=128, num_heads=4, kv_dim=64)
+    resampler = ResamplerConfig(num_queries=len(TEXT_ROWS) * GRID_COLS, embed_dim=128, num_heads=4, kv_dim=64)
     return replace(tiny, vision=vision, llm=llm, resampler=resampler, scale_resolution=140, max_slice_nums=1)
 
 
+def grid_cells(n: int) -> list[tuple[int, int]]:
+    """The (row, column) patch cell each of n queries starts looking at: TEXT_ROWS x columns, row-major."""
+    cells = [(r, c) for r in TEXT_ROWS for c in range(GRID_COLS)]
+    return [cells[i % len(cells)] for i in range(n)]
+
+
 def init_for_scratch(model) -> None:
-    """Position embeddings of the vision tower at N(0, 0.02) instead of PyTorch's N(0, 1): with a 64-wide tower
-    the unit-variance table would drown the patch embeddings (~0.1 scale) for the first thousands of steps."""
+    """Initialisation for training from scratch (the release starts from a trained SigLIP and resampler).
+
+    - Vision position embeddings at N(0, 0.02) instead of PyTorch's N(0, 1): with a 64-wide tower the unit-variance
+      table would drown the patch embeddings (~0.1 scale) for the first thousands of steps.
+    - Resampler queries that each start attending to one patch cell (`positional_queries`). With the reference
+      init the 42 queries attend almost uniformly, i.e. each sees the mean of the page's patches, where one glyph's
+      signal is ~1% of the background's; measured (a probe predicting a title's first 12 characters from the
+      queries' outputs, 400 steps): 0.13 held-out character accuracy with the reference init, 0.76 with this one.
+    """
     torch.nn.init.normal_(model.vpm.embeddings.position_embedding.weight, std=0.02)
+    positional_queries(model.resampler, grid_cells(model.resampler.cfg.num_queries))
+
+
+@torch.no_grad()
+def positional_queries(resampler, cells, sharpness: float = 3.0, content_gain: float = 0.05) -> None:
+    """Make query i attend to patch cell cells[i] = (row, col) through the keys' 2-D sincos position embedding.
+
+    keys = ln_kv(kv_proj(x)) + [sincos(col) | sincos(row)]; each axis half is [sin(p w_k) | cos(p w_k)] with
+    w_k = 10000^(-k/(D/4)), and only the first few (highest) frequencies vary across a 14-cell view. So each head's
+    query/key projection picks those dims, `f` frequencies per axis (sin and cos), f = head_dim / 4, scaled by
+    `sharpness` (the logit gap to a neighbouring cell grows as sharpness^2); the query vector holds the position
+    embedding of its cell in the same dims; `content_gain` scales ln_kv so patch content does not swamp the
+    positions at first. Values and every other weight keep the reference init; all of it is trained afterwards.
+    """
+    import numpy as np
+
+    from vlmcook.model.resampler import _sincos_1d
+
+    D, H = resampler.cfg.embed_dim, resampler.cfg.num_heads
+    hd, quarter = D // H, D // 4
+    f = min(hd // 4, quarter // 2)
+    # dims of [col sin | col cos | row sin | row cos], each `quarter` wide: the first f of each
+    dims = [a * quarter + k for a in range(4) for k in range(f)]
+    resampler.query.zero_()
+    for i, (r, c) in enumerate(cells):
+        pos = np.concatenate([_sincos_1d(np.array([c], np.float32), D // 2)[0],
+                              _sincos_1d(np.array([r], np.float32), D // 2)[0]])  # [D]
+        resampler.query[i, dims] = torch.from_numpy(pos[dims])
+        # ln_q subtracts the vector's mean: spread the opposite of the chosen dims' sum over the other dims (which
+        # the projections ignore) so the chosen dims come out of ln_q unshifted, just scaled
+        rest = torch.ones(D, dtype=torch.bool)
+        rest[dims] = False
+        resampler.query[i, rest] = -float(pos[dims].sum()) / int(rest.sum())
+    w = resampler.attn.in_proj_weight  # [3D, D], rows Q | K | V
+    w[:2 * D].zero_()
+    for h in range(H):
+        for j, d in enumerate(dims):
+            w[h * hd + j, d] = sharpness  # Q
+            w[D + h * hd + j, d] = sharpness  # K
+    resampler.ln_kv.weight.fill_(content_gain)
 
 
 @dataclass(frozen=True)
@@ -108,15 +168,46 @@ def smoke_plan(steps: int = 2) -> Plan:
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
-def doc_source(n: int):
-    """Small pages (about 220 x 110 px) holding one title (1-2 lines), the page's only region."""
-    from vlmcook.data.docs.pipeline import Source
-    from vlmcook.data.docs.synthetic import SyntheticConfig
+MONO_FONTS = (("DejaVuSansMono", "regular"), ("DejaVuSansMono", "bold"), ("LiberationMono", "regular"),
+              ("LiberationMono", "bold"))
 
-    pages = SyntheticConfig(width=(216, 224), aspect=(0.45, 0.55), body_size=(11, 13), two_column_prob=0.0,
-                            block_weights=(0.0, 1.0, 0.0, 0.0, 0.0), title_prob=1.0, header_prob=0.0,
-                            footer_prob=0.0, scan_prob=0.5)
-    return Source(synthetic=n, syn_cfg=pages)
+
+def grid_page(i: int, seed: int, text, fonts: dict):
+    """Page i: a title typed on the patch grid, one character centred in each 14-px cell of rows TEXT_ROWS
+    (wrapped at 14 characters, at most 3 lines; words that do not fit are left out of both image and text), in
+    one of 4 monospace faces at 14-16 px, dark ink on light paper of random tints. -> docs.page.Page with one
+    "title" region whose lines are the typed rows.
+
+    Why a grid: a from-scratch 1M-parameter ViT does not learn glyphs at arbitrary offsets in minutes of CPU
+    (measured: 16-way word classification from 800 rendered images, 1000 steps: 15% held-out accuracy; a small
+    CNN: 99% in 300 steps). With one glyph per patch the patch embedding sees every character at one offset;
+    what is left to learn (glyph -> identity, cell -> reading order, identity -> tokens) is the recipe's job."""
+    from PIL import Image, ImageDraw
+
+    from vlmcook.data.docs.page import Line, Page, Region
+    from vlmcook.data.docs.synthetic import _font
+
+    rng = random.Random(f"demo-grid:{seed}:{i}")
+    lines: list[str] = []
+    for word in text.sentences[i % len(text.sentences)].split():
+        if lines and len(lines[-1]) + 1 + len(word) <= GRID_COLS:
+            lines[-1] += " " + word
+        elif len(word) <= GRID_COLS and len(lines) < len(TEXT_ROWS):
+            lines.append(word)
+    family, style = rng.choice(MONO_FONTS)
+    font = _font(fonts[family][style], rng.randint(14, 16))
+    paper = tuple(rng.randint(225, 255) for _ in range(3))
+    ink = tuple(rng.randint(0, 70) for _ in range(3))
+    img = Image.new("RGB", VIEW_SIZE, paper)
+    draw = ImageDraw.Draw(img)
+    boxes = []
+    for row, line in zip(TEXT_ROWS, lines):
+        for k, ch in enumerate(line):
+            draw.text((k * CELL + CELL // 2, row * CELL + CELL // 2), ch, font=font, fill=ink, anchor="mm")
+        boxes.append(Line(line, (0, row * CELL, len(line) * CELL, (row + 1) * CELL)))
+    bbox = (0, boxes[0].bbox[1], max(b.bbox[2] for b in boxes), boxes[-1].bbox[3])
+    region = Region(" ".join(lines), bbox, 0, "title", tuple(boxes))
+    return Page(img, [region], f"demo-grid:{seed}:{i}", {"font": f"{family}-{style}", "size": font.size}).validate()
 
 
 def demo_text(seed: int, n: int = 4000):
@@ -140,15 +231,15 @@ def make_docs(folder: Path, n: int, seed: int) -> tuple[Path, dict]:
 
     from vlmcook.data.docs.corrupt import CorruptConfig
     from vlmcook.data.docs.samples import SampleConfig, make_sample, save_image
-    from vlmcook.data.docs.synthetic import find_fonts, render_page
+    from vlmcook.data.docs.synthetic import find_fonts
 
-    source, fonts, text = doc_source(n), find_fonts(), demo_text(seed)
+    fonts, text = find_fonts(), demo_text(seed)
     corrupt, sample = CorruptConfig(region_fraction=1.0), SampleConfig(tasks=("page",), task_weights=(1.0,))
     (folder / "images").mkdir(parents=True, exist_ok=True)
     skipped = {}
     with open(folder / "samples.jsonl", "w", encoding="utf-8") as f:
         for i in tqdm(range(n), desc=f"pages (seed {seed})", unit="page"):
-            page = render_page(i, seed, source.syn_cfg, text, fonts)
+            page = grid_page(i, seed, text, fonts)
             try:
                 record, cor = make_sample(page, seed, corrupt, sample)
             except (IndexError, ValueError) as e:
@@ -223,18 +314,18 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
 
     docs, skip_train = make_docs(data / "docs_train", plan.docs_train, seed)
     docs_eval, skip_eval = make_docs(data / "docs_eval", plan.docs_eval, seed + 1000)
-    videos = Memo(SynthVideoQA(seed=seed, n=plan.videos_train, fps=VIDEO_FPS))
-    videos3d = Memo(SynthVideoQA(seed=seed + 1, n=plan.videos_train, fps=VIDEO_FPS))
+    videos = Memo(SynthVideoQA(seed=seed, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS))
+    videos3d = Memo(SynthVideoQA(seed=seed + 1, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS))
     records = JsonlRecords(docs)
     pools = {"docs": pool(records, tok, cfg, records.path.parent, "docs"),
-             "images": pool(Records(SynthImageQA(seed=seed, n=plan.images, tasks=("caption", "word", "colour")),
+             "images": pool(Records(SynthImageQA(seed=seed, n=plan.images, size=VIEW_SIZE, tasks=("caption", "word", "colour")),
                                     "images"), tok, cfg, desc="image QA"),
              "text": pool(Records(SynthText(seed=seed, n=plan.texts), "text"), tok, cfg, desc="text QA"),
              "video2d": pool(Records(videos, "video2d", lambda i: {"packing": 1, "fps": 2.0}), tok, cfg,
                              desc="video QA 2D"),
              "video3d": pool(Records(videos3d, "video3d", random_knobs(seed)), tok, cfg, desc="video QA 3D")}
     video_meta = [videos.record(i)["meta"] for i in range(len(videos))]
-    eval_videos = Memo(SynthVideoQA(seed=seed + 2000, n=plan.videos_eval, fps=VIDEO_FPS))
+    eval_videos = Memo(SynthVideoQA(seed=seed + 2000, n=plan.videos_eval, size=VIEW_SIZE, fps=VIDEO_FPS))
     held_out = {"docs": docs_eval, "videos": eval_videos,
                 "video_meta": video_meta, "skipped_pages": len(skip_train) + len(skip_eval), "train_texts": {s["messages"][-1]["content"] for s in _docs_records(docs)}}
     return pools, held_out
