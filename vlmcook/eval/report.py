@@ -144,11 +144,12 @@ def markdown(r: dict, loss_png: str, metrics_png: str) -> str:
         f"seeing the text (its prior over the corpus and the page's layout). The gap between *low* "
         f"({tr['ocr']['per_level'].get('low', float('nan')):.3f}) and *high* "
         f"({tr['ocr']['per_level'].get('high', float('nan')):.3f}) is what the model reads from the pixels. "
-        f"Titles are random 3-5 word sequences over the built-in corpus's vocabulary (a few hundred words), "
-        f"drawn from a different seed for the held-out pages ({r['ocr_refs_seen_in_training']:.0%} of held-out "
-        "references occur as a training target): every word has to be read, only the vocabulary is shared. "
-        "(The corpus's own 40 sentences were tried first: a title is then predictable from its first word and "
-        "the model learned to ignore the page.)",
+        f"Pages: a title of random 3-5 words over the built-in corpus's vocabulary (a few hundred words; held-out "
+        f"pages from another seed, {r['ocr_refs_seen_in_training']:.0%} of held-out references occur as a training "
+        "target), typed one character per 14-px patch cell in one of 4 monospace faces, then corrupted at one "
+        "level. Why the grid and the positional resampler queries: a from-scratch ViT of this size does not learn "
+        "glyphs at arbitrary offsets in minutes, and the reference resampler init averages the whole page into "
+        "every query (see vlmcook/demo.py: grid_page, init_for_scratch, with the probe measurements).",
         "",
         f"## 3D vs 2D resampler at an equal token budget ({c['budget']} visual tokens)",
         "",
