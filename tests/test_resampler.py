@@ -246,15 +246,15 @@ def test_gradients_reach_every_parameter_and_bf16_runs():
 # ---- bad input -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("x_rows,x_dim,tgt,packages,match", [
-    (20, 31, [(4, 5)], [[-1]], "kv_dim=32"),
-    (19, 32, [(4, 5)], [[-1]], "cover 20 patches .* x has 19 rows"),
+    (20, 31, [(4, 5)], [[-1]], r"packed features \[N, 32\]"),
+    (19, 32, [(4, 5)], [[-1]], "describe 20 patches .* features has 19 rows"),
     (20, 32, [(4, 5)], [[-1], [-1]], "packages cover 2 views but tgt_sizes has 1"),
     (40, 32, [(4, 5), (4, 5)], [[-1, -1, -1]], "packages cover 3 views"),
     (140, 32, [(4, 5)] * 7, [[1, 2, 3, 4, 5, 6, 7]], "package 0 has 7 views; max_frames_per_package is 6"),
     (40, 32, [(4, 5), (4, 5)], [[-1, 3]], "package 0 mixes -1"),
     (40, 32, [(4, 5), (4, 5)], [[-1], [-2]], "package 1 has ids \\[-2\\]"),
     (40, 32, [(4, 5), (4, 5)], [[-1], []], "package 1 must be a non-empty list"),
-    (0, 32, [(0, 5)], [[-1]], "view 0 has tgt_size \\(0, 5\\)"),
+    (0, 32, [(0, 5)], [[-1]], "tgt_sizes row 0 is \\(0, 5\\)"),
 ])
 def test_bad_input_raises_clear_errors(x_rows, x_dim, tgt, packages, match):
     m = Resampler(CFG)

@@ -227,9 +227,8 @@ def demo_text(seed: int, n: int = 4000):
 
 
 def make_docs(folder: Path, n: int, seed: int) -> tuple[Path, dict]:
-    """Render + corrupt n pages into `folder/samples.jsonl` + `folder/images/`, as the docs pipeline does, but
-    skipping (and counting) a page whose corruption fails: corrupt.low divides by the region's text height, which
-    is 0 when a wrapped title overflows the page bottom (its clamped line box is empty)."""
+    """Type + corrupt n grid pages into `folder/samples.jsonl` + `folder/images/`, as the docs pipeline does, but
+    skipping (and counting, with the reason) a page whose corruption raises instead of stopping the demo."""
     from tqdm import tqdm
 
     from vlmcook.data.docs.corrupt import CorruptConfig

@@ -139,6 +139,18 @@ def _chat(user: str, answer: str) -> list[dict]:
     return [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
 
 
+def write_jsonl(folder: str | Path, indices, one, media: str | None = None) -> Path:
+    """`folder/data.jsonl` with one record per index: one(i, folder) -> record (writing its media files under
+    `folder/<media>/`, created here, with paths relative to folder); returns the JSONL path."""
+    folder = Path(folder)
+    (folder / media if media else folder).mkdir(parents=True, exist_ok=True)
+    path = folder / "data.jsonl"
+    with open(path, "w", encoding="utf-8") as f:
+        for i in indices:
+            f.write(json.dumps(one(i, folder)) + "\n")
+    return path
+
+
 class SynthImageQA:
     """Seeded image QA records; `record(i)` holds a PIL image, `write` saves PNGs + data.jsonl."""
 
@@ -163,16 +175,12 @@ class SynthImageQA:
     __getitem__ = record
 
     def write(self, folder: str | Path, n: int | None = None, start: int = 0) -> Path:
-        folder = Path(folder)
-        (folder / "images").mkdir(parents=True, exist_ok=True)
-        path = folder / "data.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for i in range(start, start + (self.n - start if n is None else n)):
-                rel = f"images/image-{self.seed}-{i}.png"
-                rec, img = self._record(i, rel)
-                img.save(folder / rel)
-                f.write(json.dumps(rec) + "\n")
-        return path
+        def one(i: int, folder: Path) -> dict:
+            rel = f"images/image-{self.seed}-{i}.png"
+            rec, img = self._record(i, rel)
+            img.save(folder / rel)
+            return rec
+        return write_jsonl(folder, range(start, start + (self.n - start if n is None else n)), one, "images")
 
 
 class SynthText:
@@ -193,10 +201,5 @@ class SynthText:
     __getitem__ = record
 
     def write(self, folder: str | Path, n: int | None = None, start: int = 0) -> Path:
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        path = folder / "data.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for i in range(start, start + (self.n - start if n is None else n)):
-                f.write(json.dumps(self.record(i)) + "\n")
-        return path
+        return write_jsonl(folder, range(start, start + (self.n - start if n is None else n)),
+                           lambda i, _: self.record(i))

@@ -20,16 +20,14 @@ Notable:
 from __future__ import annotations
 
 import io
-import json
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (240, 220, 40),
-           "white": (245, 245, 245), "purple": (170, 60, 210)}
-BACKGROUND = (25, 25, 25)
+from vlmcook.data.synth_images import BACKGROUND, COLOURS, write_jsonl  # one palette for images and videos
+
 TASKS = ("order", "count", "motion", "at_time")
 DIRECTIONS = ("left", "right", "up", "down")
 VIDEO_MARKER = "(<video>./</video>)"
@@ -224,12 +222,8 @@ class SynthVideoQA:
 
     def write(self, folder: str | Path, n: int | None = None, start: int = 0) -> Path:
         """Write records start..start+n-1 as `videos/<id>.mp4` + `data.jsonl`; returns the JSONL path."""
-        folder = Path(folder)
-        (folder / "videos").mkdir(parents=True, exist_ok=True)
-        path = folder / "data.jsonl"
-        with open(path, "w", encoding="utf-8") as f:
-            for i in range(start, start + (self.n - start if n is None else n)):
-                rel = f"videos/video-{self.seed}-{i}.mp4"
-                (folder / rel).write_bytes(self.video_bytes(i))
-                f.write(json.dumps(self._record(i, rel)) + "\n")
-        return path
+        def one(i: int, folder: Path) -> dict:
+            rel = f"videos/video-{self.seed}-{i}.mp4"
+            (folder / rel).write_bytes(self.video_bytes(i))
+            return self._record(i, rel)
+        return write_jsonl(folder, range(start, start + (self.n - start if n is None else n)), one, "videos")

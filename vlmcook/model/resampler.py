@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmcook.config import ResamplerConfig
+from vlmcook.model.vision import check_packed
 
 
 # ---- sincos tables (numpy float32, as the reference computes them) --------------------------------------------
@@ -176,7 +177,7 @@ class Resampler(nn.Module):
                 packages: list[list[int]] | None = None) -> torch.Tensor:
         """x [N, kv_dim] packed views (row-major patches); tgt_sizes [V, 2] (h, w); packages: temporal-id lists
         consumed in order from the views (None = every view is an image `[-1]`) -> [G, Q, D], G = len(packages)."""
-        sizes = self._check_sizes(x, tgt_sizes)
+        sizes = check_packed(x, tgt_sizes, self.cfg.kv_dim, "Resampler", "features")
         packages = self._check_packages([[-1] for _ in sizes] if packages is None else packages, len(sizes))
         if not packages:
             return x.new_zeros(0, self.cfg.num_queries, self.cfg.embed_dim)
@@ -205,25 +206,6 @@ class Resampler(nn.Module):
             v, start = v + len(p), start + length
         out = self.attn(q, keys, u, spans)  # [G, Q, D]
         return self.ln_post(out) @ self.proj
-
-    def _check_sizes(self, x: torch.Tensor, tgt_sizes: torch.Tensor) -> list[tuple[int, int]]:
-        kv = self.cfg.kv_dim
-        if not isinstance(x, torch.Tensor) or x.dim() != 2 or x.shape[1] != kv:
-            raise ValueError(f"Resampler: x must be packed features [N, kv_dim={kv}]; got "
-                             f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
-        if not isinstance(tgt_sizes, torch.Tensor) or tgt_sizes.dim() != 2 or tgt_sizes.shape[1] != 2 \
-                or tgt_sizes.is_floating_point():
-            raise ValueError(f"Resampler: tgt_sizes must be an integer tensor [V, 2] of (h, w) patches; got "
-                             f"{type(tgt_sizes).__name__} {tuple(getattr(tgt_sizes, 'shape', ()))}")
-        sizes = [(int(h), int(w)) for h, w in tgt_sizes.tolist()]
-        for i, (h, w) in enumerate(sizes):
-            if h < 1 or w < 1:
-                raise ValueError(f"Resampler: view {i} has tgt_size ({h}, {w}); both sides must be >= 1 patch")
-        n = sum(h * w for h, w in sizes)
-        if n != x.shape[0]:
-            raise ValueError(f"Resampler: tgt_sizes cover {n} patches ({len(sizes)} views) but x has "
-                             f"{x.shape[0]} rows")
-        return sizes
 
     def _check_packages(self, packages: list[list[int]], num_views: int) -> list[list[int]]:
         """Validated packages as plain python ints (numpy ints accepted)."""

@@ -61,21 +61,25 @@ def navit_position_ids(h: int, w: int, side: int) -> Tensor:
     return _position_ids(int(h), int(w), int(side)).clone()  # clone: the cached tensor must never be mutated
 
 
-def _check_inputs(patches: Tensor, tgt_sizes: Tensor, patch_dim: int) -> list[tuple[int, int]]:
-    if patches.ndim != 2 or patches.shape[1] != patch_dim:
-        raise ValueError(f"vision tower expects packed patches [N, {patch_dim}] (3 x patch x patch), "
-                         f"got shape {tuple(patches.shape)}")
-    if tgt_sizes.ndim != 2 or tgt_sizes.shape[1] != 2 or tgt_sizes.is_floating_point():
-        raise ValueError(f"tgt_sizes must be an integer tensor [V, 2] of (h, w) patch counts, got "
-                         f"{tgt_sizes.dtype} {tuple(tgt_sizes.shape)}")
+def check_packed(x: Tensor, tgt_sizes: Tensor, width: int, who: str, what: str) -> list[tuple[int, int]]:
+    """Validate packed rows x [N, width] against tgt_sizes [V, 2] (h, w patch counts) -> [(h, w)] per view.
+    Shared by the vision tower (x = patches) and the resampler (x = tower features)."""
+    if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(f"{who} expects packed {what} [N, {width}], got shape "
+                         f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
+    if not isinstance(tgt_sizes, Tensor) or tgt_sizes.ndim != 2 or tgt_sizes.shape[1] != 2 \
+            or tgt_sizes.is_floating_point():
+        raise ValueError(f"{who}: tgt_sizes must be an integer tensor [V, 2] of (h, w) patch counts, got "
+                         f"{getattr(tgt_sizes, 'dtype', type(tgt_sizes).__name__)} "
+                         f"{tuple(getattr(tgt_sizes, 'shape', ()))}")
     sizes = [(int(h), int(w)) for h, w in tgt_sizes.tolist()]
     bad = [i for i, (h, w) in enumerate(sizes) if h < 1 or w < 1]
     if bad:
-        raise ValueError(f"tgt_sizes row {bad[0]} is {sizes[bad[0]]}: views need at least 1x1 patches")
+        raise ValueError(f"{who}: tgt_sizes row {bad[0]} is {sizes[bad[0]]}: views need at least 1x1 patches")
     total = sum(h * w for h, w in sizes)
-    if total != patches.shape[0]:
-        raise ValueError(f"tgt_sizes describe {total} patches over {len(sizes)} views but patches has "
-                         f"{patches.shape[0]} rows")
+    if total != x.shape[0]:
+        raise ValueError(f"{who}: tgt_sizes describe {total} patches over {len(sizes)} views but {what} has "
+                         f"{x.shape[0]} rows")
     return sizes
 
 
@@ -182,7 +186,8 @@ class VisionTransformer(nn.Module):
     def forward(self, patches: Tensor, tgt_sizes: Tensor) -> Tensor:
         """patches [N, 3*P*P] (views concatenated, row-major within a view), tgt_sizes [V, 2] (h, w) -> [N, D]."""
         cfg = self.cfg
-        sizes = _check_inputs(patches, torch.as_tensor(tgt_sizes), cfg.num_channels * cfg.patch_size ** 2)
+        sizes = check_packed(patches, torch.as_tensor(tgt_sizes), cfg.num_channels * cfg.patch_size ** 2,
+                             "vision tower", "patches")
         weight = self.embeddings.patch_embedding.weight
         if not sizes:  # no views at all (a text-only batch)
             return weight.new_zeros(0, cfg.hidden_size)
