@@ -90,7 +90,9 @@ def test_grid_page_one_glyph_per_cell_and_legible():
         for row, line in zip(TEXT_ROWS, [ln.text for ln in region.lines]):
             for k, ch in enumerate(line):
                 typed[(row, k)] = ch
-        assert region.lines and " ".join(ln.text for ln in region.lines) == region.text
+        # a typewriter tape: 14 characters per text row, the next row continues (words may break)
+        assert region.lines and "".join(ln.text for ln in region.lines) == region.text
+        assert all(len(ln.text) == 14 for ln in region.lines[:-1])
         for r in TEXT_ROWS:
             for c in range(VIEW_SIZE[0] // CELL):
                 has_ink = ink[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL].sum() > 3
@@ -142,3 +144,53 @@ def test_positional_queries_attend_their_cell():
         att0 = torch.einsum("qhd,khd->hqk", (q0 @ wq0.T).view(-1, H, D // H), (k0 @ wk0.T).view(-1, H, D // H))
         att0 = att0.softmax(-1)
     assert (att0.argmax(-1) == want.expand(H, -1)).float().mean() < 0.2
+
+
+# ---- the demo's component pre-training: repeat-the-text records, question-first pages, the vision stage ---------
+
+def test_question_first_moves_the_page_after_the_question():
+    from vlmcook.demo import question_first
+
+    rec = {"id": "p", "messages": [{"role": "user", "content": "(<image>./</image>)\nRead the page."},
+                                   {"role": "assistant", "content": "a title"}], "meta": {"k": 1}}
+    out = question_first(rec)
+    assert out["messages"][0]["content"] == "Read the page.\n(<image>./</image>)"
+    assert out["messages"][1] == rec["messages"][1] and out["meta"] == rec["meta"]
+    assert rec["messages"][0]["content"].startswith("(<image>")  # the input is not modified
+
+
+def test_glyph_pages_label_each_query_with_the_character_in_its_cell():
+    """Labels are checked against the pixels: a query's cell has ink exactly when its label is not a space."""
+    import numpy as np
+
+    from vlmcook.data.tokenizer import Tokenizer
+    from vlmcook.demo import CELL, demo_config, glyph_pages, grid_cells
+
+    cfg = demo_config()
+    data = glyph_pages(6, 0, cfg, Tokenizer.tiny(chars=True))
+    cells = grid_cells(cfg.resampler.num_queries)
+    for view, labels in data:
+        assert view.shape == (3, 98, 196) and labels.shape == (len(cells),)
+        grey = view.mean(0).numpy()  # normalised pixels; ink is darker than the paper
+        paper = np.median(grey)
+        for (r, c), y in zip(cells, labels.tolist()):
+            ink = (np.abs(grey[r * CELL:(r + 1) * CELL, c * CELL:(c + 1) * CELL] - paper) > 0.5).sum() > 3
+            assert ink == (y != 0), (r, c, chr(32 + y))
+
+
+def test_pretrain_vision_trains_tower_and_resampler_only_and_learns():
+    """A few steps on a handful of pages: the loss falls, the vision tower and the resampler change, the LLM
+    (whose embeddings are the targets) does not."""
+    from vlmcook.data.tokenizer import Tokenizer
+    from vlmcook.demo import glyph_pages, pretrain_vision, smoke_config, untrained
+
+    cfg = smoke_config()
+    tok = Tokenizer.tiny(chars=True)
+    model = untrained(cfg, 0)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = glyph_pages(8, 0, cfg, tok)
+    logs = pretrain_vision(model, data, tok, steps=60, lr=3e-3, seed=0, batch=8)
+    assert len(logs) == 60 and logs[-1]["loss"] < 0.4 * logs[0]["loss"], [m["loss"] for m in logs[::10]]
+    after = model.state_dict()
+    changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
+    assert changed == {"vpm", "resampler"}, changed

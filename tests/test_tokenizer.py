@@ -104,6 +104,21 @@ def test_tiny_roundtrips_any_text_and_recognises_specials():
     assert len(tok.encode("<think>\n\n</think>\n\n")) == 4  # the empty think block, 4 tokens as in the release
 
 
+def test_tiny_chars_is_one_token_per_character_with_the_same_ids(tmp_path):
+    bpe, chars = Tokenizer.tiny(), Tokenizer.tiny(chars=True)
+    text = "neighbourhood marked trails, 42 Repeat the text."
+    ids = chars.encode(text)
+    assert len(ids) == len(text) and chars.decode(ids) == text
+    assert len(bpe.encode(text)) < len(text)  # the merged one does merge
+    # every character's id is the byte token's id in the merged vocabulary (same embedding rows)
+    assert all(bpe.token_to_id(chars.id_to_token(i)) == i for i in ids)
+    for t in REQUIRED:
+        assert chars.encode(t) == [bpe.token_to_id(t)], t
+    chars.save(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()  # the released layout (empty merges.txt) alone reproduces it
+    assert Tokenizer.from_dir(tmp_path).encode(text) == ids
+
+
 def test_save_is_readable_by_transformers_and_by_us(tmp_path):
     transformers = pytest.importorskip("transformers")
     tok = Tokenizer.tiny()

@@ -89,6 +89,8 @@ def test_set_trainable_counts():
     assert C.set_trainable(m, "pt1") == (n_res, n_all - n_res)
     assert C.set_trainable(m, "pt2") == (n_res + n_vpm, n_all - n_res - n_vpm)
     assert C.set_trainable(m, "sft") == (n_all, 0)
+    n_llm = sum(p.numel() for p in m.llm.parameters())
+    assert C.set_trainable(m, "lm") == (n_llm, n_all - n_llm)
 
 
 def test_no_weight_decay_on_norms_biases_and_queries():

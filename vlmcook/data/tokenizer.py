@@ -9,7 +9,8 @@ Notable (spec 8.1):
   `<think>`, `</think>` and the tool tags are added but *not special*, as released: `skip_special_tokens` keeps them.
 - `Tokenizer.tiny()` loads `assets/tiny_tokenizer.json` (made by `assets/make_tiny_tokenizer.py`): 512 ids, the
   same special token strings, `<unk>` = 0, `<|endoftext|>` = 1 (pad, config bos), `<|im_end|>` = 2 (eos), so it
-  fits the `tiny` preset's `vocab_size=512`, `bos_token_id=1`, `eos_token_id=2`.
+  fits the `tiny` preset's `vocab_size=512`, `bos_token_id=1`, `eos_token_id=2`. `Tokenizer.tiny(chars=True)` is
+  the same vocabulary without merges (one token per character).
 - The pad id is `<|endoftext|>` (the release's `pad_token`), not 0 = `!` (spec 10, item 8).
 """
 
@@ -100,9 +101,14 @@ class Tokenizer:
             raise TokenizerError(f"{path}: cannot read tokenizer.json ({e})") from None
 
     @staticmethod
-    def tiny() -> "Tokenizer":
-        """The built-in 512-id tokenizer for tiny models (no download)."""
-        return Tokenizer.from_file(ASSETS / "tiny_tokenizer.json")
+    def tiny(chars: bool = False) -> "Tokenizer":
+        """The built-in 512-id tokenizer for tiny models (no download). `chars`: without its BPE merges, i.e. one
+        token per byte (= per character of ASCII text), same ids; the demo reads pages with it (vlmcook/demo.py)."""
+        if not chars:
+            return Tokenizer.from_file(ASSETS / "tiny_tokenizer.json")
+        spec = json.loads((ASSETS / "tiny_tokenizer.json").read_text(encoding="utf-8"))
+        spec["model"]["merges"] = []
+        return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), "tiny tokenizer (characters)")
 
     # ---- use --------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:

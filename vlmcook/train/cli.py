@@ -18,10 +18,11 @@ from vlmcook.train.common import STAGES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train", help="run one training stage (pt1/pt2/pt3/sft/video3d), optionally with LoRA",
+    p = subparsers.add_parser("train", help="run one training stage (lm/pt1/pt2/pt3/sft/video3d), optionally with LoRA",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    a("--stage", required=True, choices=STAGES, help="pt1: resampler; pt2: +vision; pt3/sft/video3d: everything")
+    a("--stage", required=True, choices=STAGES,
+      help="lm: LLM only (text); pt1: resampler; pt2: +vision; pt3/sft/video3d: everything")
     a("--data", action="append", required=True, metavar="FILE.jsonl[:WEIGHT]",
       help="SFT JSONL file with an optional mixture weight (default 1); repeat for a mixture")
     src = p.add_mutually_exclusive_group(required=True)

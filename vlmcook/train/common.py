@@ -28,8 +28,10 @@ import torch.nn as nn
 
 from vlmcook.model.lora import LoRALinear
 
-STAGES = ("pt1", "pt2", "pt3", "sft", "video3d")
-_TRAINABLE_PREFIXES = {"pt1": ("resampler",), "pt2": ("resampler", "vpm"), "pt3": ("resampler", "vpm", "llm"),
+# "lm" is not one of the report's stages: text-only training of the LLM alone (the demo pre-trains its from-scratch
+# LLM with it, standing in for the pre-trained Qwen3 the release starts from).
+STAGES = ("lm", "pt1", "pt2", "pt3", "sft", "video3d")
+_TRAINABLE_PREFIXES = {"lm": ("llm",), "pt1": ("resampler",), "pt2": ("resampler", "vpm"), "pt3": ("resampler", "vpm", "llm"),
                        "sft": ("resampler", "vpm", "llm"), "video3d": ("resampler", "vpm", "llm")}
 NO_DECAY_NAMES = ("resampler.query",)
 

@@ -34,6 +34,7 @@ from vlmcook.train import state as S
 # Per-stage defaults from the report (reference-training-recipe.md sections 2-3); warmup/decay lengths are not
 # public: 1% warmup as the released finetune script, 10% decay as MiniCPM found sufficient.
 STAGE_DEFAULTS = {
+    "lm": dict(schedule="wsd", lr=1e-5, min_lr=1e-6),  # not in the report: continued text training, SFT-like lr
     "pt1": dict(schedule="wsd", lr=5e-5, min_lr=1e-5),
     "pt2": dict(schedule="wsd", lr=5e-5, min_lr=1e-5),
     "pt3": dict(schedule="wsd", lr=5e-5, min_lr=1e-5),
