@@ -14,6 +14,8 @@ level; "high" is fully masked, so it is the blind baseline). Arms:
 - no_lm: vision (against the random LLM's embeddings) -> pt3
 The lm-trained weights are shared by the arms that use them (trained once). About 14 minutes on one core.
 A model that reads has a low-level CER far below its high-level CER; a blind one emits the same text for every page.
+Measured (reports/reading_recipe.md): CER all 0.379 (low 0.075), no_vision 0.844, page_first 0.869, no_lm 0.912;
+only `all` writes different text for different pages.
 """
 
 import argparse
