@@ -194,3 +194,25 @@ def test_pretrain_vision_trains_tower_and_resampler_only_and_learns():
     after = model.state_dict()
     changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"vpm", "resampler"}, changed
+
+
+def test_reading_verdict_separates_a_reader_from_a_page_blind_model(monkeypatch):
+    """eval_ocr scores the same outputs against another page's text too: a constant output scores exactly the same
+    both ways (the rotation only permutes the references), a perfect reader scores 0 vs clearly more; the verdict
+    follows. The model is replaced by fixed outputs (greedy is patched), so this checks the scoring, not a model."""
+    from vlmcook.demo import verdicts
+    from vlmcook.eval import ocr
+
+    refs = ["arches better repaired", "clocks built library", "Within measured with lessons", "trails foreign"]
+    items = [ocr.OcrItem(str(k), {}, r, "low") for k, r in enumerate(refs)]
+    base = [{"ocr": {"cer": 2.5}, "video": {"accuracy": 0.0}}]
+    video = {"ci95": (0.1, 0.3), "chance": 0.2}
+    for outputs, reads in ((refs, True), (["clocks library"] * 4, False)):
+        monkeypatch.setattr(ocr, "greedy", lambda model, tok, prompts, n, outputs=outputs: list(outputs))
+        res = ocr.eval_ocr(None, None, items, 16)
+        if reads:
+            assert res["per_level"]["low"] == 0 and res["per_level_other_page"]["low"] > 0.5
+        else:
+            assert res["per_level"]["low"] == res["per_level_other_page"]["low"] > 0
+        v = verdicts({"ocr": res, "video": video}, base, majority=0.1)
+        assert v["ocr"]["reads"] is reads  # "learned" (vs untrained) can hold for both: format and vocabulary

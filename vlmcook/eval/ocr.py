@@ -48,18 +48,23 @@ def ocr_items(jsonl: str | Path, tokenizer, config, limit: int | None = None) ->
 
 
 def eval_ocr(model, tokenizer, items: list[OcrItem], max_new_tokens: int, examples: int = 4) -> dict:
-    """-> {"cer": corpus CER, "per_level": {level: CER}, "n_per_level": {...}, "examples": [...]}."""
+    """-> {"cer": corpus CER, "per_level": {level: CER}, "per_level_other_page": {level: CER against another
+    page's reference}, "n_per_level": {...}, "examples": [...], "outputs": [...]}."""
     if not items:
         raise ValueError("eval_ocr: no held-out document samples")
     hyps = greedy(model, tokenizer, [it.prompt for it in items], max_new_tokens)
     refs = [it.reference for it in items]
-    per_level, counts = {}, {}
+    per_level, other, counts = {}, {}, {}
     for level in SEVERITY:
         idx = [k for k, it in enumerate(items) if it.level == level]
         if idx:
             per_level[level] = cer([hyps[k] for k in idx], [refs[k] for k in idx])
+            # the same outputs against another page's text (the next of the level): what an output that ignores
+            # its page scores; reading shows as the gap between the two
+            other[level] = cer([hyps[k] for k in idx], [refs[k] for k in idx[1:] + idx[:1]])
             counts[level] = len(idx)
     shown = [{"level": items[k].level, "reference": refs[k], "output": hyps[k]} for k in range(min(examples,
                                                                                                   len(items)))]
-    return {"cer": cer(hyps, refs), "per_level": per_level, "n_per_level": counts, "examples": shown,
+    return {"cer": cer(hyps, refs), "per_level": per_level, "per_level_other_page": other, "n_per_level": counts,
+            "examples": shown,
             "outputs": hyps}
