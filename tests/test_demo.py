@@ -55,7 +55,8 @@ def test_demo_smoke_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_demo_quick_real(tmp_path):
-    """The real `vlmcook demo --quick`: finishes in about 5 minutes and its pre-registered verdicts hold."""
+    """The real `vlmcook demo --quick`: finishes in about 6 minutes and its "learned" verdicts hold (it does not read:
+    reports/demo_quick.md)."""
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "vlmcook.cli", "demo", "--quick", "--out", str(tmp_path)], check=True)
     wall = time.perf_counter() - t
