@@ -30,13 +30,11 @@ from pathlib import Path
 import torch
 
 from vlmcook import demo as D
+from vlmcook.data.image import IMAGE_MARKER
 from vlmcook.data.tokenizer import Tokenizer
 from vlmcook.eval.ocr import eval_ocr, ocr_items
 from vlmcook.train.data import JsonlRecords
 from vlmcook.train.loop import TrainConfig, train
-
-MARKER = "(<image>./</image>)"
-
 
 def page_first(jsonl: Path) -> Path:
     """A copy of a docs JSONL with the page moved back before the question."""
@@ -44,7 +42,7 @@ def page_first(jsonl: Path) -> Path:
     rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
     for r in rows:
         user = r["messages"][0]
-        user["content"] = MARKER + "\n" + user["content"].replace("\n" + MARKER, "", 1)
+        user["content"] = IMAGE_MARKER + "\n" + user["content"].replace("\n" + IMAGE_MARKER, "", 1)
     out.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out
 

@@ -273,10 +273,11 @@ def question_first(record: dict) -> dict:
     source in the `lm` stage's repeat tasks (`CopyText`). Measured (benchmarks/bench_reading_recipe.py: lm 600 +
     vision 300 + 600 docs-only pt3 steps): held-out CER 0.379 (low 0.075) with the question first, 0.869 with the
     page first, where the model emits nearly the same text for every page (5% distinct outputs)."""
+    from vlmcook.data.image import IMAGE_MARKER
+
     user = record["messages"][0]
-    marker = "(<image>./</image>)"
-    text = user["content"].replace(marker + "\n", "", 1)
-    return {**record, "messages": [{**user, "content": f"{text}\n{marker}"}, *record["messages"][1:]]}
+    text = user["content"].replace(IMAGE_MARKER + "\n", "", 1)
+    return {**record, "messages": [{**user, "content": f"{text}\n{IMAGE_MARKER}"}, *record["messages"][1:]]}
 
 
 class CopyText:
