@@ -635,7 +635,8 @@ def _summary(r: dict, out_dir: Path, report: Path) -> None:
         f"{'above' if v['video']['above_baselines'] else 'NOT above'} chance/majority",
         f"  3D vs 2D @ {c['budget']} visual tokens: 3D ({c['3d']['packing']} frames/package) "
         f"{c['3d']['accuracy']:.3f}   2D {c['2d']['accuracy']:.3f}",
-        f"  checkpoint: {out_dir / 'model'}  (vlmcook chat loads it by default from runs/demo/model)",
+        f"  checkpoint: {out_dir / 'model'}  (vlmcook chat loads it by default from runs/demo/model; it was "
+        "trained with the question before the page: put the text first, README)",
         f"  report:     {report}",
         "=" * 78,
     ]
