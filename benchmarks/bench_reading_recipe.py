@@ -21,10 +21,8 @@ only `all` writes different text for different pages.
 import argparse
 import copy
 import json
-import random
 import tempfile
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -34,7 +32,6 @@ from vlmcook.data.image import IMAGE_MARKER
 from vlmcook.data.tokenizer import Tokenizer
 from vlmcook.eval.ocr import eval_ocr, ocr_items
 from vlmcook.train.data import JsonlRecords
-from vlmcook.train.loop import TrainConfig, train
 
 def page_first(jsonl: Path) -> Path:
     """A copy of a docs JSONL with the page moved back before the question."""
@@ -48,11 +45,8 @@ def page_first(jsonl: Path) -> Path:
 
 
 def stage(model, tok, pools: dict, mixture: dict, name: str, steps: int, lr: float, plan) -> float:
-    cfg = TrainConfig(stage=name, steps=steps, lr=lr, min_lr=lr / 10, schedule="wsd", warmup_frac=0.05,
-                      decay_frac=0.2, seed=0, log_every=0, weight_decay=0.01)
-    losses = []
-    train(cfg, model, D.batches(pools, mixture, 0, name, plan, tok.pad_id), tokenizer=tok,
-          on_step=lambda step, m: losses.append(m["loss"]))
+    """One demo stage; -> mean loss of its last 10 steps."""
+    losses = [m["loss"] for m in D.train_stage(model, pools, mixture, name, steps, lr, 0, plan, tok)]
     return sum(losses[-10:]) / len(losses[-10:])
 
 
@@ -66,7 +60,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfg, tok = D.demo_config(), Tokenizer.tiny(chars=True)
-    plan = replace(D.PLANS["quick"], copies=4000, glyph_pages=1000)
+    plan = D.PLANS["quick"]  # batching (tokens per step) and the copy / glyph pool sizes
     tmp = Path(tempfile.mkdtemp(prefix="bench_reading_"))
     t0 = time.perf_counter()
     docs, _ = D.make_docs(tmp / "train", args.pages, 0)
@@ -112,5 +106,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    random.seed(0)
     main()

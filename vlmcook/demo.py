@@ -361,8 +361,9 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
     videos3d = Memo(SynthVideoQA(seed=seed + 1, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS))
     records = JsonlRecords(docs)
     pools = {"docs": pool(records, tok, cfg, records.path.parent, "docs"),
-             "images": pool(Records(SynthImageQA(seed=seed, n=plan.images, size=VIEW_SIZE, tasks=("caption", "word", "colour")),
-                                    "images"), tok, cfg, desc="image QA"),
+             "images": pool(Records(SynthImageQA(seed=seed, n=plan.images, size=VIEW_SIZE,
+                                                 tasks=("caption", "word", "colour")), "images"),
+                            tok, cfg, desc="image QA"),
              "text": pool(Records(SynthText(seed=seed, n=plan.texts), "text"), tok, cfg, desc="text QA"),
              "copy": pool(Records(CopyText(seed + 3000, plan.copies), "copy"), tok, cfg, desc="repeat-the-text"),
              "glyphs": glyph_pages(plan.glyph_pages, seed + 4000, cfg, tok),
@@ -371,8 +372,9 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
              "video3d": pool(Records(videos3d, "video3d", random_knobs(seed)), tok, cfg, desc="video QA 3D")}
     video_meta = [videos.record(i)["meta"] for i in range(len(videos))]
     eval_videos = Memo(SynthVideoQA(seed=seed + 2000, n=plan.videos_eval, size=VIEW_SIZE, fps=VIDEO_FPS))
-    held_out = {"docs": docs_eval, "videos": eval_videos,
-                "video_meta": video_meta, "skipped_pages": len(skip_train) + len(skip_eval), "train_texts": {s["messages"][-1]["content"] for s in _docs_records(docs)}}
+    held_out = {"docs": docs_eval, "videos": eval_videos, "video_meta": video_meta,
+                "skipped_pages": len(skip_train) + len(skip_eval),
+                "train_texts": {s["messages"][-1]["content"] for s in _docs_records(docs)}}
     return pools, held_out
 
 
@@ -440,12 +442,12 @@ def pretrain_vision(model, data: list, tok, steps: int, lr: float, seed: int, ba
         q.requires_grad_(True)  # the lm stage froze them; the next stage sets its own
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     chars = torch.tensor([tok.encode(chr(32 + c))[0] for c in range(95)])
+    emb = model.llm.model.embed_tokens.weight.detach()[chars]  # [95, D], frozen: the targets
     model.train()
     logs = []
     for step in tqdm(range(steps), desc="vision", unit="step"):
         picked = random.Random(f"demo-vision:{seed}:{step}").sample(data, min(batch, len(data)))
         tokens = model.encode_views([v for v, _ in picked], [[-1]] * len(picked))  # [B, Q, D]
-        emb = model.llm.model.embed_tokens.weight.detach()[chars]  # [95, D]
         labels = torch.stack([y for _, y in picked])  # [B, Q]
         loss = torch.nn.functional.cross_entropy((tokens @ emb.T).flatten(0, 1), labels.flatten())
         opt.zero_grad(set_to_none=True)
@@ -458,24 +460,29 @@ def pretrain_vision(model, data: list, tok, steps: int, lr: float, seed: int, ba
     return logs
 
 
-def train_stages(model, pools: dict, plan: Plan, seed: int, tok) -> dict:
-    """Every stage in order on one model; -> {stage: [{"loss", "lr", ...} per step]}."""
+def train_stage(model, pools: dict, mixture: dict, stage: str, steps: int, lr: float, seed: int, plan: Plan,
+                tok) -> list[dict]:
+    """One LLM-loss stage of the demo (vlmcook/train/loop.py) on `mixture` over `pools`; -> per-step logs."""
     from vlmcook.train.loop import TrainConfig, train
 
+    logs: list[dict] = []
+    cfg = TrainConfig(stage=stage, steps=steps, lr=lr, min_lr=lr / 10, schedule=SCHEDULES[stage], warmup_frac=0.05,
+                      decay_frac=0.2, batch_size=1, seed=seed, log_every=0, weight_decay=0.01)
+    train(cfg, model, batches(pools, mixture, seed, stage, plan, tok.pad_id), tokenizer=tok,
+          on_step=lambda step, m: logs.append(dict(m)))
+    return logs
+
+
+def train_stages(model, pools: dict, plan: Plan, seed: int, tok) -> dict:
+    """Every stage in order on one model; -> {stage: [{"loss", "lr", ...} per step]}."""
     history = {}
     for stage in STAGES:
-        steps = plan.steps[stage]
+        steps, lr = plan.steps[stage], plan.lr[stage]
         if stage == "vision":
             print(f"[demo] vision: {steps} steps (tower + resampler -> the LLM's character embeddings)")
-            history[stage] = pretrain_vision(model, pools["glyphs"], tok, steps, plan.lr[stage], seed)
-            continue
-        logs: list[dict] = []
-        cfg = TrainConfig(stage=stage, steps=steps, lr=plan.lr[stage], min_lr=plan.lr[stage] / 10,
-                          schedule=SCHEDULES[stage], warmup_frac=0.05, decay_frac=0.2, batch_size=1, seed=seed,
-                          log_every=0, weight_decay=0.01)
-        train(cfg, model, batches(pools, MIXTURES[stage], seed, stage, plan, tok.pad_id), tokenizer=tok,
-              on_step=lambda step, m: logs.append(dict(m)))
-        history[stage] = logs
+            history[stage] = pretrain_vision(model, pools["glyphs"], tok, steps, lr, seed)
+        else:
+            history[stage] = train_stage(model, pools, MIXTURES[stage], stage, steps, lr, seed, plan, tok)
     return history
 
 
@@ -504,7 +511,7 @@ def untrained(cfg, seed: int):
 
 
 def verdicts(trained: dict, base: list[dict], majority: float) -> dict:
-    """The pre-registered margins (see the report for the reasoning).
+    """The margins behind the report's verdicts (see the report for the reasoning).
 
     OCR: learned if the trained CER is below the *best* untrained seed's CER by more than max(0.10, 3 x the
     untrained seeds' standard deviation): 3 sigma of init noise, floored at 10 CER points because 2-3 seeds
@@ -586,8 +593,8 @@ def run(out: str = "runs/demo", seed: int = 0, quick: bool = False, plan: Plan |
     timings["cpu"] = _cpu() - c0
 
     seen = sum(it.reference in held["train_texts"] for it in items["ocr"]) / len(items["ocr"])
-    results = {"plan": _plan_dict(plan), "seed": seed, "params": n_params, "config": cfg.to_dict(),
-               "history": history, "trained": _strip(trained), "untrained": [_strip(b) for b in base],
+    results = {"plan": _plan_dict(plan), "schedules": SCHEDULES, "seed": seed, "params": n_params,
+               "config": cfg.to_dict(), "history": history, "trained": _strip(trained), "untrained": [_strip(b) for b in base],
                "compare_3d_2d": _strip(compare), "verdict": verdict, "timings": timings,
                "ocr_refs_seen_in_training": seen, "skipped_pages": held["skipped_pages"],
                "pool_sizes": {k: len(v) for k, v in pools.items()}, "threads": torch.get_num_threads()}

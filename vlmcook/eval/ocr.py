@@ -66,5 +66,4 @@ def eval_ocr(model, tokenizer, items: list[OcrItem], max_new_tokens: int, exampl
     shown = [{"level": items[k].level, "reference": refs[k], "output": hyps[k]} for k in range(min(examples,
                                                                                                   len(items)))]
     return {"cer": cer(hyps, refs), "per_level": per_level, "per_level_other_page": other, "n_per_level": counts,
-            "examples": shown,
-            "outputs": hyps}
+            "examples": shown, "outputs": hyps}

@@ -185,10 +185,10 @@ def markdown(r: dict, loss_png: str, metrics_png: str) -> str:
     ]
     trainable = {"lm": "LLM (text only)", "vision": "vision + resampler (own loss)", "pt1": "resampler",
                  "pt2": "resampler + vision", "pt3": "everything", "sft": "everything", "video3d": "everything"}
-    schedules = {"lm": "WSD", "vision": "constant", "sft": "cosine", "video3d": "cosine"}
     for stage, logs in r["history"].items():
         if logs:
-            rows.append(f"| {stage} | {len(logs)} | {trainable.get(stage, '?')} | {schedules.get(stage, 'WSD')} | "
+            schedule = r["schedules"][stage].replace("wsd", "WSD")
+            rows.append(f"| {stage} | {len(logs)} | {trainable.get(stage, '?')} | {schedule} | "
                         f"{plan['lr'][stage]:.0e} | {logs[0]['loss']:.3f} | {_tail(logs):.3f} |")
     rows += [
         "",
