@@ -148,6 +148,18 @@ def test_mixture_resume_and_ranks():
         next(mix.iterate(rank=3, world_size=3))
 
 
+def test_mixture_names_an_empty_source(tmp_path, tok):
+    from vlmcook.train.data import JsonlRecords
+
+    (tmp_path / "empty.jsonl").write_text("")
+    empty = RecordSource(JsonlRecords(tmp_path / "empty.jsonl"), tok, CFG)
+    with pytest.raises(ValueError, match=r"positive weight is empty \(.*empty\.jsonl\)"):
+        Mixture([(Fake("a", 5), 1.0), (empty, 0.5)], seed=0)
+    with pytest.raises(ValueError, match=r"positive weight is empty \(Fake\)"):
+        Mixture([(Fake("b", 0), 1.0)], seed=0)
+    Mixture([(Fake("a", 5), 1.0), (empty, 0.0)], seed=0)  # an empty source with weight 0 is allowed
+
+
 def test_mixture_redraws_skipped_records():
     holes = set(range(0, 100, 2))
     mix = Mixture([(Fake("a", 100, holes), 1.0)], seed=3)

@@ -262,8 +262,11 @@ class Mixture:
     def __init__(self, sources: Sequence[tuple[Any, float]], seed: int, max_attempts: int = 32):
         if not sources or any(w < 0 for _, w in sources) or sum(w for _, w in sources) <= 0:
             raise ValueError("Mixture: give (source, weight) pairs with weights >= 0 and a positive sum")
-        if any(len(s) == 0 for s, w in sources if w > 0):
-            raise ValueError("Mixture: a source with a positive weight is empty")
+        empty = [s for s, w in sources if w > 0 and len(s) == 0]
+        if empty:
+            # name it: a RecordSource over a JSONL file says which file
+            where = getattr(getattr(empty[0], "records", None), "path", None) or type(empty[0]).__name__
+            raise ValueError(f"Mixture: a source with a positive weight is empty ({where})")
         self.sources = [s for s, _ in sources]
         self.weights = [float(w) for _, w in sources]
         self.seed, self.max_attempts = seed, max_attempts
