@@ -256,13 +256,8 @@ class _CountingContainer:
 def test_auto_decodes_no_more_than_seek_or_sequential(vids, fps, monkeypatch):
     from vlmcook.data import video
 
-    real_open, stats = video._open, {}
-
-    def counting_open(src):
-        container, name = real_open(src)
-        return _CountingContainer(container, stats), name
-
-    monkeypatch.setattr(video, "_open", counting_open)
+    real_open, stats = video._open_container, {}
+    monkeypatch.setattr(video, "_open_container", lambda *a: _CountingContainer(real_open(*a), stats))
     cost = {}
     for method in ("auto", "seek", "sequential"):
         stats.update(seeks=0, decoded=0)

@@ -1,43 +1,19 @@
-"""Video input: probe with PyAV, plan which frames to sample, decode only those, group them into packages.
+"""Video input: open a file once, read its headers, plan which frames to sample, decode only those.
 
-A video becomes a list of RGB frames (native resolution) plus *packages*: consecutive frames whose temporal ids
-(time in 0.1 s units) the 3D resampler compresses jointly into one set of `query_num` tokens (spec 5.4, 7).
+`open_video(src)` reads the headers (`VideoFile.info`); `.plan(...)` picks the frames and groups them into
+*packages* (consecutive frames the 3D resampler compresses into one set of `query_num` tokens, docs/reference.md
+5.4, 7); `.decode(plan)` decodes them from the same container. `probe_video`, `plan_frames` and `load_video` are
+one-call wrappers.
 
-Notable:
-- Sampling follows the released README demo (spec 7.1): <= 180 packages, automatic packing <= 3, frame j at
-  index int(j*gap + gap/2) with gap = N / n. Default sampling rate is 5 fps (`DEFAULT_FPS`): it is what the 4.5 demo
-  passes to `encode_video` (the function's own default of 3 is never used there), so it is the setting the released
-  model is demonstrated with; it keeps clips <= 36 s at one frame per package.
-- Deliberate deviations from the demo (spec oddity 15), each visible only in corner cases:
-  * Temporal id = round(t / 0.1) (half up), the true nearest 0.1 s step of the frame's time t. The demo snaps to
-    the grid then truncates with int32, so some ids come out one too low (4.3 s -> 42, not 43) and can collide.
-    Ours never repeat: when the released index rule puts two samples in one 0.1 s step (index jitter, common near
-    10 fps sampling, e.g. 25 fps video), the later sample moves forward to the first frame of the next step. So
-    every id is exactly its frame's nearest step, and the frame count is kept (a sample is dropped only if that
-    move runs past the last frame). The demo also clamps ids to its grid arange(0, T, 0.1); a frame in the last
-    0.05 s gets round(T / 0.1) here.
-  * Packing is chosen from the frame count actually sampled (smallest p <= 3 with ceil(n/p) <= 180), so the package
-    cap always holds; the demo tests `fps * int(T) <= 180` and can emit up to 182 packages (T = 36.5 s at 5 fps).
-  * Never more frames than the video has (the demo's round(fps)*T can exceed N for videos under 10 fps), at least 1.
-  * An explicit `packing` may be 1..6 (the documented range) and is not clamped to 3; the frame count is then capped
-    at 180 * packing instead of being left unbounded (the demo's force_packing=1 can give 540 packages).
-- `max_visual_tokens`: the package cap becomes min(180, budget // query_num); packing grows first (<= 3, or the
-  given packing), then the frame count (effective fps) shrinks, so packages * query_num <= budget always.
-- Durations follow the demo: T = n_frames / fps from the headers (fps = the stream's average rate); timestamps are
-  index / fps relative to the first frame, and the frame returned for a timestamp is the one on screen at that
-  time (for constant-rate video: frame `index` itself; with dropped frames or a variable rate, the frame shown
-  then, as a player would).
-- Decoding (`method='auto'`): one demux-only pass lists the keyframe times (reads the file, decodes nothing;
-  ~0.1 s for 68 MB here), then one forward pass decodes the planned frames and seeks exactly when a keyframe lies
-  between the current position and the next target. Seeking then costs the same decoding as plain per-frame
-  seeking, and decoding on costs less than the seek would, so per target it decodes no more frames than either.
-  In benchmarks/bench_video.py per-frame seeking costs 1.1-22x the CPU of a sequential pass at 1-10 fps sampling
-  (720p30, keyframes every 2 s or 8.3 s): seeking only pays when keyframes are denser than the sampled frames.
-  Memory holds the sampled frames plus one decoder state, independent of video length.
-- Truncated/damaged files: a file whose header is unreadable raises `VideoError`. If the header is readable but the
-  data ends (or is corrupt) before a planned frame, the decodable prefix is measured, the plan is recomputed for
-  that shorter video, and a warning names the source; nothing is padded past the data, so each returned frame is
-  the one its timestamp says. If no frame decodes, `VideoError`.
+- Sampling is the released rule (docs/reference.md 7.1): frame j at index int(j*gap + gap/2) with gap = N / n, 5 fps
+  by default, <= 180 packages; temporal id = the frame's nearest 0.1 s step. The corner cases where we deviate on
+  purpose (docs/reference.md 10.15) are listed in `plan_frames`.
+- Frame j is the one on screen at its timestamp (index / fps after the first frame), as a player shows it, and comes
+  back upright: a display-matrix rotation (phone videos) is applied, as EXIF orientation is for still images.
+- Limits: `MAX_FRAME_PIXELS` per frame (refused from the header), `MAX_VIDEO_FRAMES` per video, and
+  `decoded_bytes(info, plan)` for the caller's memory budget (`MAX_DECODED_BYTES` by default).
+- How frames are found (keyframe-aware seeking) and damaged files: `VideoFile.decode`; costs in
+  benchmarks/bench_video.py.
 """
 from __future__ import annotations
 
@@ -46,7 +22,7 @@ import io
 import itertools
 import math
 import warnings
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -54,9 +30,18 @@ from PIL import Image
 MAX_NUM_PACKAGES = 180  # released MAX_NUM_FRAMES: packages (resampler outputs) per video
 MAX_AUTO_PACKING = 3    # released MAX_NUM_PACKING: largest packing chosen automatically
 MAX_PACKING = 6         # documented valid range of an explicit packing
+MAX_VIDEO_FRAMES = MAX_NUM_PACKAGES * MAX_PACKING  # 1080: no plan samples more frames than this
+# 8K UHD, the largest size phones and cameras record. Checked from the header before anything is decoded; the model
+# sees ~448 px per side at the video default (max_slice_nums=1), so larger frames only cost memory.
+MAX_FRAME_PIXELS = 7680 * 4320
+# Default budget for the frames decoded for one request (see decoded_bytes): 2 GiB holds the released automatic cap
+# of 540 frames at 1280x720 (1.99 GB) or 64 frames of 3840x2160 (2.12 GB), not 64 frames of 4096x4096 (4.3 GB).
+MAX_DECODED_BYTES = 2**31
+BYTES_PER_PIXEL = 4     # a decoded frame is a PIL RGB image, which Pillow stores as 4 bytes per pixel (RGBX)
 DEFAULT_FPS = 5.0
 MAX_FPS = 10.0          # model card: "up to 10 fps"
 STEPS_PER_SECOND = 10   # temporal id unit: 0.1 s
+METHODS = ("auto", "seek", "sequential")
 
 
 class VideoError(ValueError):
@@ -68,11 +53,12 @@ class VideoInfo:
     duration: float  # seconds, n_frames / fps (as the released demo computes it)
     fps: float
     n_frames: int
-    width: int
+    width: int  # of the upright frame (after `rotation`)
     height: int
     source: str  # path or "<N bytes>", for error messages
     start_time: float = 0.0  # stream time of the first frame, seconds
     counted: bool = False  # True when n_frames came from a counting pass (header had no frame count)
+    rotation: int = 0  # degrees counter-clockwise (0/90/180/270) that turn the stored frames upright
 
 
 @dataclass(frozen=True)
@@ -82,6 +68,8 @@ class FramePlan:
     temporal_ids: list[int]  # 0.1 s units, strictly increasing
     packages: list[list[int]]  # temporal ids in consecutive groups of `packing` (last may be shorter)
     packing: int = 1
+    # the plan_frames arguments, so decoding can re-plan for a truncated file with the same settings
+    knobs: dict = field(default_factory=dict, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -89,6 +77,12 @@ class VideoClip:
     frames: list[Image.Image]
     plan: FramePlan
     info: VideoInfo
+
+
+def decoded_bytes(info: VideoInfo, plan: FramePlan) -> int:
+    """Memory the decoded frames of `plan` will hold (PIL RGB at native size), from the headers alone: the number to
+    compare with a budget such as MAX_DECODED_BYTES before calling `decode`."""
+    return len(plan.frame_indices) * info.width * info.height * BYTES_PER_PIXEL
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -136,14 +130,32 @@ def _frame_count_and_packing(info: VideoInfo, fps, max_frames, packing, max_pack
 
 def plan_frames(info: VideoInfo, fps: float | None = None, max_frames: int | None = None,
                 packing: int | None = None, max_visual_tokens: int | None = None, query_num: int = 64) -> FramePlan:
-    """Which frames to sample and how to package them (pure; see the module docstring for the rule)."""
-    _check_knobs(fps, max_frames, packing, max_visual_tokens, query_num)
+    """Which frames to sample and how to package them (pure). The released rule (module docstring), with these
+    deliberate deviations (docs/reference.md 10.15), each visible only in corner cases:
+    - Temporal id = round(t / 0.1) (half up), the true nearest 0.1 s step of the frame's time t. The demo snaps to
+      the grid then truncates with int32, so some ids come out one too low (4.3 s -> 42, not 43) and can collide.
+      Ours never repeat: when the index rule puts two samples in one 0.1 s step (index jitter near 10 fps sampling,
+      e.g. of 25 fps video), the later sample moves forward to the first frame of the next step; a sample is
+      dropped only if that runs past the last frame. A frame in the last 0.05 s gets round(T / 0.1) (the demo
+      clamps to its grid arange(0, T, 0.1)).
+    - Packing is chosen from the frame count actually sampled (smallest p <= 3 with ceil(n/p) <= 180), so the
+      package cap always holds; the demo tests `fps * int(T) <= 180` and can emit 182 packages (36.5 s at 5 fps).
+    - Never more frames than the video has (the demo's round(fps)*T can exceed N under 10 fps), at least 1.
+    - An explicit `packing` may be 1..6 and is not clamped to 3; the frame count is then capped at 180 * packing
+      (the demo's force_packing=1 can give 540 packages). So a plan never has more than MAX_VIDEO_FRAMES frames.
+    - `max_visual_tokens`: the package cap becomes min(180, budget // query_num); packing grows first (<= 3, or the
+      given packing), then the frame count (effective fps) shrinks, so packages * query_num <= budget always.
+    Durations follow the demo: T = n_frames / fps from the headers (fps = the stream's average rate)."""
+    knobs = dict(fps=fps, max_frames=max_frames, packing=packing, max_visual_tokens=max_visual_tokens,
+                 query_num=query_num)
+    _check_knobs(**knobs)
     if info.n_frames < 1 or not info.fps > 0:
         raise VideoError(f"{info.source}: cannot sample from {info.n_frames} frames at {info.fps} fps")
     max_packages = MAX_NUM_PACKAGES
     if max_visual_tokens is not None:
         max_packages = min(MAX_NUM_PACKAGES, max_visual_tokens // query_num)
     n, p = _frame_count_and_packing(info, fps, max_frames, packing, max_packages)
+    assert n <= MAX_VIDEO_FRAMES, (n, p)  # packages <= 180 and packing <= 6
     gap = info.n_frames / n
     indices, ids = [], []
     for j in range(n):
@@ -159,11 +171,12 @@ def plan_frames(info: VideoInfo, fps: float | None = None, max_frames: int | Non
         ids.append(temporal_id(idx, info.fps))
     stamps = [i / info.fps for i in indices]
     packages = [ids[i:i + p] for i in range(0, len(ids), p)]
-    return FramePlan(frame_indices=indices, timestamps=stamps, temporal_ids=ids, packages=packages, packing=p)
+    return FramePlan(frame_indices=indices, timestamps=stamps, temporal_ids=ids, packages=packages, packing=p,
+                     knobs=knobs)
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# opening and probing
+# opening
 
 def _import_av():
     try:
@@ -173,197 +186,291 @@ def _import_av():
     return av
 
 
-def _source_name(src) -> str:
+def _checked_source(src) -> tuple[bytes | str, str]:
+    """(what av.open reads, a name for messages); a missing, empty or odd source is refused before PyAV sees it."""
     if isinstance(src, (bytes, bytearray, memoryview)):
-        return f"<{len(src)} bytes of video>"
-    return str(src)
-
-
-def _open(src):
-    """Open `src` (path or bytes) for reading; every failure becomes a VideoError naming the source."""
-    av = _import_av()
-    name = _source_name(src)
-    if isinstance(src, (bytes, bytearray, memoryview)):
+        name = f"<{len(src)} bytes of video>"
         if len(src) == 0:
             raise VideoError(f"{name}: empty input")
-        target = io.BytesIO(bytes(src))
-    elif isinstance(src, (str, Path)):
-        path = Path(src)
-        if not path.exists():
-            raise VideoError(f"{name}: no such file")
-        if not path.is_file():
-            raise VideoError(f"{name}: not a regular file")
-        if path.stat().st_size == 0:
-            raise VideoError(f"{name}: empty file")
-        target = str(path)
-    else:
+        return bytes(src), name
+    if not isinstance(src, (str, Path)):
         raise TypeError(f"video source must be a path or bytes, got {type(src).__name__}")
+    path, name = Path(src), str(src)
+    if not path.exists():
+        raise VideoError(f"{name}: no such file")
+    if not path.is_file():
+        raise VideoError(f"{name}: not a regular file")
+    if path.stat().st_size == 0:
+        raise VideoError(f"{name}: empty file")
+    return str(path), name
+
+
+def _open_container(target: bytes | str, name: str):
+    av = _import_av()
     try:
-        return av.open(target, mode="r"), name
+        return av.open(io.BytesIO(target) if isinstance(target, bytes) else target, mode="r")
     except (av.FFmpegError, OSError) as e:
         raise VideoError(f"{name}: not a readable video container (corrupt, truncated or unsupported "
                          f"format): {e}") from e
 
 
-def _video_stream(container, name):
-    if not container.streams.video:
-        kinds = ", ".join(s.type for s in container.streams) or "none"
-        raise VideoError(f"{name}: no video stream (streams found: {kinds})")
-    return container.streams.video[0]
-
-
-def _scan_packets(container, stream) -> tuple[int, list[float]]:
-    """Demux-only pass (reads packets, decodes nothing): frame count (one packet per frame for the codecs we meet;
-    the final flush packet has size 0) and the sorted keyframe times in seconds."""
-    n, keys = 0, []
-    for packet in container.demux(stream):
-        if packet.size > 0:
-            n += 1
-            if packet.is_keyframe and packet.pts is not None:
-                keys.append(float(packet.pts * stream.time_base))
-    return n, sorted(keys)
-
-
-def _probe_container(container, name) -> VideoInfo:
-    av = _import_av()
-    stream = _video_stream(container, name)
-    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-    if not rate or rate <= 0:
-        raise VideoError(f"{name}: video stream has no frame rate in its header")
-    width, height = stream.codec_context.width, stream.codec_context.height
-    if width <= 0 or height <= 0:
-        raise VideoError(f"{name}: video stream has no frame size ({width}x{height})")
-    n, counted = stream.frames, False
-    if n <= 0:  # header without a frame count (mkv/webm/avi): counting pass
-        try:
-            n, counted = _scan_packets(container, stream)[0], True
-        except av.FFmpegError as e:
-            raise VideoError(f"{name}: cannot read video packets: {e}") from e
-    if n <= 0:
-        raise VideoError(f"{name}: video stream has no frames")
-    start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-    return VideoInfo(duration=n / float(rate), fps=float(rate), n_frames=n, width=width, height=height,
-                     source=name, start_time=start, counted=counted)
+def open_video(src: str | Path | bytes) -> VideoFile:
+    """Open a video file or its bytes once and read its headers. Use as a context manager (or call `close`)."""
+    target, name = _checked_source(src)
+    return VideoFile(_open_container(target, name), target, name)
 
 
 def probe_video(src: str | Path | bytes) -> VideoInfo:
-    """Duration, fps, frame count and size from the container/stream headers, without decoding frames.
-    Falls back to a demux-only counting pass when the header has no frame count."""
-    container, name = _open(src)
-    with container:
-        return _probe_container(container, name)
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# decoding
-
-def _to_rgb(frame) -> Image.Image:
-    # frame.to_image() is ~8x slower than this on 720p in PyAV 18 (measured); same pixels.
-    return Image.fromarray(frame.to_ndarray(format="rgb24"))
-
-
-def _decode_planned(container, info: VideoInfo, plan: FramePlan, method: str,
-                    keys: list[float] | None = None) -> list[Image.Image]:
-    """Decode the planned frames in one forward pass, returning fewer if the data ends or is corrupt.
-
-    The frame for target time ts is the one on screen at ts: the last frame starting by ts (plus a quarter frame
-    for pts rounding). For constant-rate video that is frame `index` itself; with dropped frames or a variable rate
-    it is what a player shows. So we decode until a frame starts after ts and keep the one before it (the one
-    after is kept in `ahead` for the next target). Before each target we either decode on or seek, which lands on
-    the last keyframe <= ts; 'auto' seeks iff that keyframe (from `keys`, sorted times) is after the current frame.
-    """
-    av = _import_av()
-    stream = container.streams.video[0]
-    eps, frame_s = 0.25 / info.fps, 1.0 / info.fps
-    frames, it, pos = [], None, None  # pos: time of the last decoded frame
-    prev = ahead = None  # the last frame starting by the previous target; the first frame after it
-    for ts in (info.start_time + t for t in plan.timestamps):
-        if method == "auto":
-            k = bisect.bisect_right(keys, ts + eps) - 1
-            jump = k >= 0 and keys[k] > (info.start_time if pos is None else pos) + eps
-        else:
-            jump = method == "seek"
-        if jump:
-            # round, not int: a float hair below a keyframe's pts would land one whole GOP earlier
-            container.seek(round(ts / stream.time_base), stream=stream)
-            prev = ahead = None
-        if it is None or jump:
-            it = container.decode(stream)
-        found = None
-        try:
-            for frame in itertools.chain([ahead] if ahead is not None else [], it):
-                ahead, pos = None, (frame.time if frame.time is not None else pos)
-                if pos is not None and pos > ts + eps:
-                    found, ahead = prev, frame
-                    break
-                prev = frame
-        except av.FFmpegError:
-            pass  # corrupt or truncated data: like the end of the stream
-        if found is None and ahead is None and prev is not None and prev.time is not None:
-            found = prev if ts < prev.time + frame_s - eps else None  # end of stream: last frame still shown
-        if found is None:
-            break
-        frames.append(_to_rgb(found))
-    return frames
-
-
-def _count_decodable(src, info: VideoInfo) -> int:
-    """Frames (in index / fps terms) up to the last one decodable from the start, until the data ends or breaks.
-    Sequential, constant memory."""
-    av = _import_av()
-    container, name = _open(src)
-    last = None
-    with container:
-        try:
-            for frame in container.decode(_video_stream(container, name)):
-                last = frame.time if frame.time is not None else last
-        except av.FFmpegError:
-            pass
-    if last is None:
-        return 0
-    return min(info.n_frames, round((last - info.start_time) * info.fps) + 1)
+    """Duration, fps, frame count and upright size from the headers (see `VideoFile`)."""
+    with open_video(src) as video:
+        return video.info
 
 
 def load_video(src: str | Path | bytes, fps: float | None = None, max_frames: int | None = None,
                packing: int | None = None, max_visual_tokens: int | None = None, query_num: int = 64,
                method: str = "auto") -> VideoClip:
-    """Sample and decode a video into RGB frames at native resolution plus its FramePlan.
-    `method`: 'auto' (seek iff a keyframe lies between the current frame and the next target; see the module
-    docstring), or 'seek' / 'sequential' for every target (benchmarks)."""
-    if method not in ("auto", "seek", "sequential"):
-        raise ValueError(f"method must be 'auto', 'seek' or 'sequential', got {method!r}")
+    """Sample and decode a video into upright RGB frames at native resolution plus its FramePlan (one open)."""
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     knobs = dict(fps=fps, max_frames=max_frames, packing=packing, max_visual_tokens=max_visual_tokens,
                  query_num=query_num)
     _check_knobs(**knobs)  # fail on bad knobs before touching the file
-    container, name = _open(src)
-    with container:
-        info = _probe_container(container, name)
-    plan = plan_frames(info, **knobs)
-    frames = _decode_fresh(src, info, plan, method)
-    if len(frames) < len(plan.frame_indices):
-        n_ok = _count_decodable(src, info)
-        if n_ok == 0:
-            raise VideoError(f"{name}: no decodable frames (header says {info.n_frames})")
-        warnings.warn(f"{name}: video data ends after {n_ok} of {info.n_frames} frames (truncated or corrupt); "
-                      f"sampling the first {n_ok / info.fps:.2f} s only", stacklevel=2)
-        info = replace(info, n_frames=n_ok, duration=n_ok / info.fps)
-        plan = plan_frames(info, **knobs)
-        frames = _decode_fresh(src, info, plan, method)
+    with open_video(src) as video:
+        return video.decode(video.plan(**knobs), method)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the opened file
+
+_UPRIGHT = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+
+class VideoFile:
+    """One opened video: `info` read once from the headers, frames decoded from the same container.
+
+    Probing reads the stream header (frame rate, size, frame count), refuses frames over MAX_FRAME_PIXELS, then
+    decodes the first frame for its display-matrix rotation (PyAV exposes the matrix on decoded frames only). A
+    header without a frame count (mkv, webm, ts) is completed by a demux-only counting pass, which also lists the
+    keyframes for `decode`. Not thread-safe: one request at a time."""
+
+    def __init__(self, container, target: bytes | str, name: str):
+        self._container, self._target, self.name = container, target, name
+        self._keys: list[float] | None = None  # keyframe times in seconds, from a demux-only pass
+        self._can_seek = True  # False once a seek landed after its target (imprecise seeking, e.g. MPEG-TS)
+        try:
+            self.info = self._probe()
+        except BaseException:
+            container.close()
+            raise
+
+    def __enter__(self) -> VideoFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._container.close()
+
+    def plan(self, fps: float | None = None, max_frames: int | None = None, packing: int | None = None,
+             max_visual_tokens: int | None = None, query_num: int = 64) -> FramePlan:
+        """`plan_frames(self.info, ...)`: pure, reads nothing."""
+        return plan_frames(self.info, fps, max_frames, packing, max_visual_tokens, query_num)
+
+    def decode(self, plan: FramePlan, method: str = "auto") -> VideoClip:
+        """Decode `plan`'s frames: upright RGB PIL images at native resolution, each the frame on screen at its
+        timestamp (the last frame starting by it, plus a quarter frame for pts rounding).
+
+        `method='auto'`: one demux-only pass lists the keyframe times (reads the file, decodes nothing), then one
+        forward pass decodes the planned frames, seeking exactly when a keyframe lies between the current frame and
+        the next target. Per target it decodes no more frames than per-frame seeking ('seek') or one sequential
+        pass ('sequential'), the two other methods (benchmarks). Memory: the sampled frames plus one decoder
+        state, independent of the video's length. A seek that lands after its target (MPEG-TS seeks by byte
+        position and lands a keyframe late) turns seeking off for this file: decoding restarts from the first
+        frame and goes on sequentially, which is always correct.
+
+        Damaged data: if the data ends or breaks before a planned frame, the decodable prefix is measured, the
+        plan is recomputed with the same knobs for that shorter video and a warning names the source; nothing is
+        padded, so each frame is the one its timestamp says. No decodable frame: VideoError."""
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
+        if plan.frame_indices and plan.frame_indices[-1] >= self.info.n_frames:
+            raise ValueError(f"{self.name}: the plan samples frame {plan.frame_indices[-1]} of a video with "
+                             f"{self.info.n_frames} frames; make it with this file's plan()")
+        info, frames = self.info, self._decode_frames(plan.timestamps, method)
         if len(frames) < len(plan.frame_indices):
-            raise VideoError(f"{name}: decoded {len(frames)} of {len(plan.frame_indices)} planned frames twice "
-                             f"in a row; the file is damaged")
-    return VideoClip(frames=frames, plan=plan, info=info)
+            n_ok = self._decodable_frames()
+            if n_ok == 0:
+                raise VideoError(f"{self.name}: no decodable frames (header says {info.n_frames})")
+            warnings.warn(f"{self.name}: video data ends after {n_ok} of {info.n_frames} frames (truncated or "
+                          f"corrupt); sampling the first {n_ok / info.fps:.2f} s only", stacklevel=2)
+            info = replace(info, n_frames=n_ok, duration=n_ok / info.fps)
+            plan = plan_frames(info, **plan.knobs)
+            frames = self._decode_frames(plan.timestamps, method)
+            if len(frames) < len(plan.frame_indices):
+                raise VideoError(f"{self.name}: decoded {len(frames)} of {len(plan.frame_indices)} planned frames "
+                                 f"twice in a row; the file is damaged")
+        return VideoClip(frames=frames, plan=plan, info=info)
 
-
-def _decode_fresh(src, info: VideoInfo, plan: FramePlan, method: str) -> list[Image.Image]:
-    keys = None
-    if method == "auto":
-        container, _ = _open(src)
-        with container:
+    # ---- probing -------------------------------------------------------------------------------------------------
+    def _probe(self) -> VideoInfo:
+        av, name = _import_av(), self.name
+        if not self._container.streams.video:
+            kinds = ", ".join(s.type for s in self._container.streams) or "none"
+            raise VideoError(f"{name}: no video stream (streams found: {kinds})")
+        stream = self._stream = self._container.streams.video[0]
+        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+        if not rate or rate <= 0:
+            raise VideoError(f"{name}: video stream has no frame rate in its header")
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width <= 0 or height <= 0:
+            raise VideoError(f"{name}: video stream has no frame size ({width}x{height})")
+        if width * height > MAX_FRAME_PIXELS:
+            raise VideoError(f"{name}: frames of {width}x{height} = {width * height:,} pixels are more than the "
+                             f"limit of {MAX_FRAME_PIXELS:,} (vlmcook.data.video.MAX_FRAME_PIXELS, 8K UHD)")
+        rotation = self._rotation()
+        n, counted = stream.frames, False
+        if n <= 0:  # header without a frame count (mkv/webm/ts): counting pass
+            self._rewind()
             try:
-                keys = _scan_packets(container, container.streams.video[0])[1]
+                n, self._keys = self._scan_packets()
+            except av.FFmpegError as e:
+                raise VideoError(f"{name}: cannot read video packets: {e}") from e
+            counted = True
+        if n <= 0:
+            raise VideoError(f"{name}: video stream has no frames")
+        if rotation in (90, 270):
+            width, height = height, width
+        start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+        return VideoInfo(duration=n / float(rate), fps=float(rate), n_frames=n, width=width, height=height,
+                         source=name, start_time=start, counted=counted, rotation=rotation)
+
+    def _rotation(self) -> int:
+        """The first frame's display rotation, as counter-clockwise degrees in {0, 90, 180, 270} (0 if no frame
+        decodes: `decode` reports that). ffmpeg's players rotate by the same rule."""
+        av = _import_av()
+        try:
+            frame = next(self._container.decode(self._stream), None)
+        except av.FFmpegError:
+            return 0
+        degrees = 0 if frame is None else frame.rotation
+        quarter = round(degrees / 90)
+        if abs(degrees - 90 * quarter) > 2:  # PyAV truncates the matrix's angle to an int: allow a little
+            raise VideoError(f"{self.name}: display rotation of {degrees} degrees is not a multiple of 90 "
+                             f"(unsupported)")
+        return 90 * quarter % 360
+
+    def _scan_packets(self) -> tuple[int, list[float]]:
+        """Demux-only pass (reads packets, decodes nothing): frame count (one packet per frame for the codecs we
+        meet; the final flush packet has size 0) and the sorted keyframe times in seconds."""
+        stream, n, keys = self._stream, 0, []
+        for packet in self._container.demux(stream):
+            if packet.size > 0:
+                n += 1
+                if packet.is_keyframe and packet.pts is not None:
+                    keys.append(float(packet.pts * stream.time_base))
+        return n, sorted(keys)
+
+    # ---- decoding ------------------------------------------------------------------------------------------------
+    def _rewind(self) -> None:
+        """Back to the first packet (after a pass or a seek). Reopens the source only if seeking itself fails."""
+        av = _import_av()
+        try:
+            self._container.seek(0)
+        except av.FFmpegError:
+            self._container.close()
+            self._container = _open_container(self._target, self.name)
+            self._stream = self._container.streams.video[0]
+
+    def _keyframes(self) -> list[float]:
+        if self._keys is None:
+            self._rewind()
+            try:
+                self._keys = self._scan_packets()[1]
             except _import_av().FFmpegError:  # damaged data: no index, decode sequentially (still correct)
-                keys = []
-    container, _ = _open(src)
-    with container:
-        return _decode_planned(container, info, plan, method, keys)
+                self._keys = []
+        return self._keys
+
+    def _cursor(self, seek_to: float | None) -> _Cursor:
+        """Frames from the keyframe before `seek_to` (stream seconds), or from the first frame if None."""
+        if seek_to is not None:
+            try:  # round, not int: a float hair below a keyframe's pts would land one whole GOP earlier
+                self._container.seek(round(seek_to / self._stream.time_base), stream=self._stream)
+                return _Cursor(self._container.decode(self._stream), self.info.fps, seeked=True)
+            except _import_av().FFmpegError:
+                self._can_seek = False
+        self._rewind()
+        return _Cursor(self._container.decode(self._stream), self.info.fps, seeked=False)
+
+    def _decode_frames(self, timestamps: list[float], method: str) -> list[Image.Image]:
+        """The frames on screen at `timestamps` (seconds from the first frame) in one forward pass, fewer if the
+        data ends or breaks. 'auto' seeks iff the last keyframe <= the target lies after the current frame."""
+        keys = self._keyframes() if method == "auto" and self._can_seek else []
+        start, eps = self.info.start_time, 0.25 / self.info.fps
+        frames, cur = [], None
+        for ts in (start + t for t in timestamps):
+            if method == "seek":
+                jump = self._can_seek
+            else:
+                k, pos = bisect.bisect_right(keys, ts + eps) - 1, start if cur is None or cur.pos is None else cur.pos
+                jump = self._can_seek and k >= 0 and keys[k] > pos + eps
+            if jump or cur is None:
+                cur = self._cursor(ts if jump else None)
+            frame = cur.frame_at(ts)
+            if frame is None and cur.seeked and cur.landed_after:  # imprecise seeking: go sequential from frame 0
+                self._can_seek = False
+                cur = self._cursor(None)
+                frame = cur.frame_at(ts)
+            if frame is None:
+                break
+            frames.append(self._upright(frame))
+        return frames
+
+    def _decodable_frames(self) -> int:
+        """Frames (in index / fps terms) up to the last one decodable from the start, until the data ends or
+        breaks. Sequential, constant memory."""
+        self._rewind()
+        last = None
+        try:
+            for frame in self._container.decode(self._stream):
+                last = frame.time if frame.time is not None else last
+        except _import_av().FFmpegError:
+            pass
+        if last is None:
+            return 0
+        return min(self.info.n_frames, round((last - self.info.start_time) * self.info.fps) + 1)
+
+    def _upright(self, frame) -> Image.Image:
+        # frame.to_image() is ~8x slower than this on 720p in PyAV 18 (measured); same pixels.
+        img = Image.fromarray(frame.to_ndarray(format="rgb24"))
+        return img.transpose(_UPRIGHT[self.info.rotation]) if self.info.rotation else img
+
+
+class _Cursor:
+    """Walks decoded frames forward and returns the one on screen at each of a series of increasing times."""
+
+    def __init__(self, frames, fps: float, seeked: bool):
+        self._frames, self.seeked = frames, seeked
+        self._eps, self._frame_s = 0.25 / fps, 1.0 / fps
+        self.pos = None  # time of the last decoded frame
+        self._prev = self._ahead = None  # the last frame starting by the previous target; the first one after it
+        self.landed_after = False  # the first frame decoded already started after the first target
+
+    def frame_at(self, ts: float):
+        """Decode until a frame starts after ts and return the one before it (keeping the later one for the next
+        call). At the end of the data, the last frame if it is still on screen at ts; None if none is."""
+        found = None
+        try:
+            for frame in itertools.chain([self._ahead] if self._ahead is not None else [], self._frames):
+                self._ahead, self.pos = None, (frame.time if frame.time is not None else self.pos)
+                if self.pos is not None and self.pos > ts + self._eps:
+                    found, self._ahead = self._prev, frame
+                    self.landed_after = self._prev is None
+                    break
+                self._prev = frame
+        except _import_av().FFmpegError:
+            pass  # corrupt or truncated data: like the end of the stream
+        prev = self._prev
+        if found is None and self._ahead is None and prev is not None and prev.time is not None:
+            found = prev if ts < prev.time + self._frame_s - self._eps else None  # end: last frame still shown
+        return found
