@@ -6,21 +6,18 @@ import random
 
 import pytest
 
-from conftest import REFERENCE_DIR, needs_reference
 from vlmcook.data import chat
 from vlmcook.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def jinja_template():
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip("released reference files not found")
+def jinja_template(reference_dir):
     jinja2 = pytest.importorskip("jinja2")
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)  # as transformers compiles templates
     env.filters["tojson"] = lambda x, **kw: json.dumps(x, **kw)
-    source = json.loads((REFERENCE_DIR / "tokenizer_config.json").read_text())["chat_template"]
+    source = json.loads((reference_dir / "tokenizer_config.json").read_text())["chat_template"]
     return env.from_string(source)
 
 
@@ -60,7 +57,6 @@ def _random_conversation(rng: random.Random) -> list[dict]:
     return msgs
 
 
-@needs_reference
 def test_render_equals_released_jinja_template(jinja_template):
     rng = random.Random(0)
     n = 0
@@ -74,7 +70,6 @@ def test_render_equals_released_jinja_template(jinja_template):
     assert n == 3600
 
 
-@needs_reference
 def test_render_equals_jinja_fixed_cases(jinja_template):
     cases = [
         [{"role": "user", "content": "(<image>./</image>)\nWhat is this?"}],
@@ -169,7 +164,6 @@ def test_labels_only_the_last_turn_skips_its_empty_think(tok):
     assert runs == ["<think>\nr\n</think>\n\nA<|im_end|>", "B<|im_end|>"]
 
 
-@needs_reference
 def test_labels_with_released_tokenizer(reference_dir):
     tok = Tokenizer.from_dir(reference_dir)
     msgs = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]

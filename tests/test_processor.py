@@ -10,7 +10,6 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REFERENCE_DIR, needs_reference
 from vlmcook.config import MiniCPMVConfig
 from vlmcook.data import chat
 from vlmcook.data.image import IMAGE_MARKER, ImageError, preprocess_image, slice_grid
@@ -19,10 +18,8 @@ from vlmcook.data.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="module")
-def big():
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip("released reference files not found")
-    return Processor(Tokenizer.from_dir(REFERENCE_DIR), MiniCPMVConfig.from_name("v4_5"))
+def big(reference_dir):
+    return Processor(Tokenizer.from_dir(reference_dir), MiniCPMVConfig.from_name("v4_5"))
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +126,6 @@ def test_vector_6_4032x3024_counts(v45):
     assert (cnt.views, cnt.visual_tokens, cnt.items[0].placeholder_tokens) == (10, 640, 665)
 
 
-@needs_reference
 def test_released_ids(big):
     out, cnt = run(big, [{"role": "user", "content": [_img(1000, 600), "Hi"]}])
     ids = out["input_ids"][0].tolist()
@@ -139,7 +135,6 @@ def test_released_ids(big):
     assert out["image_bound"][0].tolist() == [[7, 71], [73, 137], [139, 203]]
 
 
-@needs_reference
 def test_vector_15_prompt_ends(big):
     msgs = [{"role": "user", "content": "What is this?"}]
     assert run(big, msgs)[0]["input_ids"][0, -7:].tolist() == [151644, 77091, 198, 151667, 271, 151668, 271]
@@ -173,7 +168,6 @@ def test_ids_match_release_text_assembly_tiny(tiny, use_id, max_slice, thinking)
     assert all(torch.equal(a, b) for a, b in zip(out["pixel_values"][0], want))
 
 
-@needs_reference
 def test_ids_match_release_text_assembly_released(big):
     msgs, sizes = _multi_image_conversation(2)
     out, _ = run(big, msgs)
@@ -254,7 +248,6 @@ def test_video_slicing_settings_precedence(tiny):
     assert "<image_id>0</image_id>" in tiny.tokenizer.decode(out["input_ids"][0])
 
 
-@needs_reference
 def test_vector_13_released_bounds_and_sliced_frames(big):
     packages = [[1, 3, 5], [7, 9, 11], [13]]
     frames = _frames(7)
@@ -377,7 +370,6 @@ def test_collate(tiny, side):
     assert batch["image_bound"][1].shape == (0, 2) and batch["pixel_values"][1] == []
 
 
-@needs_reference
 def test_exclamation_mark_is_not_padding(big):
     # the release pads with 0 = "!" and masks every "!" (spec 10 item 8)
     out = big([{"role": "user", "content": "Hello!"}])

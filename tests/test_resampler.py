@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import needs_reference
 from vlmcook.config import MiniCPMVConfig, ResamplerConfig
 from vlmcook.model.resampler import Resampler, pos_embed_2d, temporal_embed
 
@@ -274,7 +273,6 @@ def test_bad_tgt_sizes_and_empty_batch():
 
 # ---- checkpoint layout ---------------------------------------------------------------------------------------
 
-@needs_reference
 def test_parameter_names_and_shapes_match_released_checkpoint(reference_dir):
     index = json.loads((reference_dir / "model.safetensors.index.json").read_text())["weight_map"]
     released = {k[len("resampler."):] for k in index if k.startswith("resampler.")}

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from conftest import REFERENCE_DIR, needs_reference
+from conftest import RELEASED_FIXTURES
 from vlmcook.config import MiniCPMVConfig
 from vlmcook.data.tokenizer import REQUIRED, Tokenizer, TokenizerError
 
@@ -27,29 +27,24 @@ TEXTS = [
 
 
 @pytest.fixture(scope="module")
-def released():
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip("released reference files not found")
-    return Tokenizer.from_dir(REFERENCE_DIR)
+def released(reference_dir):
+    return Tokenizer.from_dir(reference_dir)
 
 
 @pytest.fixture(scope="module")
-def hf_released(tmp_path_factory):
+def hf_released(reference_dir, tmp_path_factory):
     """transformers' Qwen2 tokenizer over the released files (the release's own class needs remote code)."""
-    if not REFERENCE_DIR.is_dir():
-        pytest.skip("released reference files not found")
     transformers = pytest.importorskip("transformers")
     d = tmp_path_factory.mktemp("hf_tok")
     for f in ("vocab.json", "merges.txt", "added_tokens.json", "special_tokens_map.json"):
-        shutil.copy(REFERENCE_DIR / f, d / f)
-    cfg = json.loads((REFERENCE_DIR / "tokenizer_config.json").read_text())
+        shutil.copy(reference_dir / f, d / f)
+    cfg = json.loads((reference_dir / "tokenizer_config.json").read_text())
     cfg["tokenizer_class"] = "Qwen2Tokenizer"
     cfg.pop("auto_map", None)
     (d / "tokenizer_config.json").write_text(json.dumps(cfg))
     return transformers.AutoTokenizer.from_pretrained(str(d))
 
 
-@needs_reference
 def test_released_ids_match_transformers(released, hf_released):
     assert released.vocab_size == len(hf_released) == 151748
     for text in TEXTS:
@@ -59,7 +54,6 @@ def test_released_ids_match_transformers(released, hf_released):
         assert released.decode(ids, skip_special_tokens=True) == hf_released.decode(ids, skip_special_tokens=True)
 
 
-@needs_reference
 def test_released_ids_from_spec(released):
     # spec 8.1 table and vector 15
     assert released.encode("Hello!") == [9707, 0]
@@ -76,7 +70,15 @@ def test_released_ids_from_spec(released):
     assert released.id_to_token(0) == "!"
 
 
-@needs_reference
+def test_fixture_subset_splits_every_recorded_word_as_the_full_files(released):
+    # encodings.json: each word the tests encode -> its ids under the full released vocab.json + merges.txt
+    # (tests/fixtures/make_tokenizer_subset.py); a merge missing from the subset would split a word differently.
+    words = json.loads((RELEASED_FIXTURES / "encodings.json").read_text(encoding="utf-8"))
+    assert len(words) > 100
+    for word, ids in words.items():
+        assert [t.id for t in released.tok.model.tokenize(word)] == ids, word
+
+
 def test_released_think_tags_survive_skip_special(released):
     ids = released.encode("<|im_start|><think>a</think>b<|im_end|>")
     assert released.decode(ids, skip_special_tokens=True) == "<think>a</think>b"
