@@ -2,7 +2,7 @@
 
 - `VisionConfig`, `ResamplerConfig`, `LLMConfig` each go to exactly one module; `MiniCPMVConfig` composes them and
   carries the preprocessing numbers the trained weights depend on (patch size, query count, slice rules).
-- Presets: `tiny` (CPU tests, seconds), `v4_5` (the released 8B model, spec section 2).
+- Presets: `tiny` (CPU tests, seconds), `v4_5` (the released 8B model, docs/reference.md 2).
 - `MiniCPMVConfig.from_hf_dict` reads the released `config.json` layout; anything unknown or contradictory raises
   `ConfigError` naming the field. `to_hf_dict` writes the same layout back, so other tools can read our checkpoints.
   Fields the release does not have (our tiny resampler's head count) go under keys no other tool reads.
@@ -11,13 +11,34 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+import math
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 
 class ConfigError(ValueError):
     """A config field is unknown, missing or contradicts another one."""
+
+
+# Largest model a config may describe: 4 TB of float32 weights, more memory than one machine holds (115x the
+# released 8.7B). Checked from the sizes alone, before anything is allocated (docs/reliability.md).
+MAX_PARAMETERS = 10**12
+
+
+def _check_fields(cfg, prefix: str) -> None:
+    """Types and signs first, so that no later arithmetic meets a string or a zero: sizes and counts are ints >= 1
+    (token ids >= 0), epsilons and rope_theta positive finite numbers."""
+    for f in fields(cfg):
+        v, name = getattr(cfg, f.name), prefix + f.name
+        if f.type == "int":
+            low = 0 if f.name.endswith("_token_id") else 1
+            if not isinstance(v, int) or isinstance(v, bool) or v < low:
+                raise ConfigError(f"{name} must be an integer >= {low}, got {v!r}")
+        elif f.type == "float" and (not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < math.inf):
+            raise ConfigError(f"{name} must be a positive finite number, got {v!r}")
+        elif f.type in ("bool", "str") and type(v).__name__ != f.type:
+            raise ConfigError(f"{name} must be a {f.type}, got {v!r}")
 
 
 @dataclass(frozen=True)
@@ -42,6 +63,7 @@ class VisionConfig:
         return self.image_size // self.patch_size
 
     def __post_init__(self):
+        _check_fields(self, "vision_config.")
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"vision_config.hidden_size {self.hidden_size} is not divisible by "
                               f"num_attention_heads {self.num_attention_heads}")
@@ -62,7 +84,8 @@ class ResamplerConfig:
     max_frames_per_package: int = 6  # the paper's package limit (the reference code does not enforce one)
 
     def __post_init__(self):
-        if self.num_heads < 1 or self.embed_dim % self.num_heads:
+        _check_fields(self, "resampler.")
+        if self.embed_dim % self.num_heads:
             raise ConfigError(f"resampler embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
         if self.embed_dim % 4:
             raise ConfigError(f"resampler embed_dim {self.embed_dim} must be divisible by 4 (2-D sincos halves)")
@@ -90,6 +113,7 @@ class LLMConfig:
     eos_token_id: int = 151645
 
     def __post_init__(self):
+        _check_fields(self, "")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
                               f"num_key_value_heads {self.num_key_value_heads}")
@@ -102,7 +126,7 @@ class MiniCPMVConfig:
     vision: VisionConfig = field(default_factory=VisionConfig)
     resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
     llm: LLMConfig = field(default_factory=LLMConfig)
-    # Preprocessing numbers the weights were trained with (spec 2.2, 2.4).
+    # Preprocessing numbers the weights were trained with (docs/reference.md 2.2, 2.4).
     scale_resolution: int = 448  # a view is resized to about scale_resolution^2 pixels
     max_slice_nums: int = 9
     use_image_id: bool = True
@@ -110,12 +134,18 @@ class MiniCPMVConfig:
     torch_dtype: str = "bfloat16"  # dtype of the stored weights
 
     def __post_init__(self):
+        _check_fields(self, "")
         if self.resampler.embed_dim != self.llm.hidden_size:
             raise ConfigError(f"resampler embed_dim {self.resampler.embed_dim} != llm hidden_size "
                               f"{self.llm.hidden_size}")
         if self.resampler.kv_dim != self.vision.hidden_size:
             raise ConfigError(f"resampler kv_dim {self.resampler.kv_dim} != vision hidden_size "
                               f"{self.vision.hidden_size}")
+        parts = parameter_parts(self)
+        total = sum(n for n, _ in parts)
+        if total > MAX_PARAMETERS:
+            raise ConfigError(f"config implies {total:.3g} parameters, over the limit of {MAX_PARAMETERS:.0e} "
+                              f"(4 TB of float32 weights); the largest part is {max(parts)[1]}")
 
     @property
     def query_num(self) -> int:
@@ -186,6 +216,10 @@ _OWN_KEYS = {"query_num", "patch_size", "vision_config", "slice_config", "resamp
 
 
 def _from_hf_dict(d: dict[str, Any]) -> MiniCPMVConfig:
+    for name, value in (("config", d), ("vision_config", d.get("vision_config", {}) if isinstance(d, dict) else {}),
+                        ("slice_config", d.get("slice_config") or {} if isinstance(d, dict) else {})):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{name} must be a JSON object, got {type(value).__name__}")
     unknown = set(d) - _LLM_KEYS - set(_FIXED) - _IGNORED - _OWN_KEYS
     if unknown:
         raise ConfigError(f"unknown config field(s) {sorted(unknown)}")
@@ -225,6 +259,26 @@ def _from_hf_dict(d: dict[str, Any]) -> MiniCPMVConfig:
                           use_image_id=d.get("use_image_id", True),
                           vision_batch_size=d.get("vision_batch_size", 16),
                           torch_dtype=d.get("torch_dtype", "bfloat16"))
+
+
+def parameter_parts(c: MiniCPMVConfig) -> list[tuple[int, str]]:
+    """(parameter count, the fields that make it) of each part of the model, as its modules allocate them
+    (tests/test_checkpoint_limits.py checks the sum against the built model)."""
+    m, v, r = c.llm, c.vision, c.resampler
+    H, I, V, L = m.hidden_size, m.intermediate_size, m.vocab_size, m.num_hidden_layers
+    attn = H * (2 * m.num_attention_heads + 2 * m.num_key_value_heads) * m.head_dim + 2 * m.head_dim  # + q/k norms
+    llm_layers = L * (attn + 3 * H * I + 2 * H) + H
+    Hv, Iv, Lv = v.hidden_size, v.intermediate_size, v.num_hidden_layers
+    vision = (v.num_channels * v.patch_size**2 + 1 + v.num_patches_per_side**2 + 2) * Hv \
+        + Lv * (4 * Hv * Hv + 2 * Hv * Iv + Iv + 9 * Hv)
+    D = r.embed_dim
+    resampler = (r.num_queries + r.kv_dim + 5 * D + 10) * D
+    return [(2 * V * H, f"the LLM embeddings and head: 2 x vocab_size {V} x hidden_size {H}"),
+            (llm_layers, f"the LLM layers: num_hidden_layers {L} x (hidden_size {H}, intermediate_size {I}, "
+                         f"heads {m.num_attention_heads} + {m.num_key_value_heads} x head_dim {m.head_dim})"),
+            (vision, f"the vision tower: vision_config.num_hidden_layers {Lv} x (hidden_size {Hv}, intermediate_size "
+                     f"{Iv}), image_size {v.image_size} / patch_size {v.patch_size}"),
+            (resampler, f"the resampler: (query_num {r.num_queries} + {r.kv_dim} + 5 x {D}) x hidden_size {D}")]
 
 
 def _to_hf_dict(c: MiniCPMVConfig) -> dict[str, Any]:
