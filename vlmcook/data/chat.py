@@ -1,6 +1,6 @@
 """The released chat format (Qwen3's template, as shipped in MiniCPM-V 4.5's tokenizer_config.json) without Jinja.
 
-Notable (spec 8.2, 8.8):
+Notable (docs/reference.md 8.2, 8.8):
 - `render` returns exactly the text the released Jinja template renders for the same messages (tests compare the
   two over many message lists): optional system turn; user turns verbatim; assistant turns before the last user
   query lose their reasoning; an assistant turn after it gets a `<think>\\n...\\n</think>\\n\\n` block if it is the

@@ -1,14 +1,14 @@
 """Image preprocessing of MiniCPM-V 4.5: LLaVA-UHD slicing, the released resize/rounding rules, normalisation.
 
-Notable (spec section 6):
+Notable (docs/reference.md 6):
 - The numbers are the released ones, quirks included, because the weights were trained on them: Python's
   `round` (banker's rounding: 34.5 -> 34) in `ensure_divide` and `int()` truncation in `best_resize`.
 - Every resize is PIL BICUBIC on uint8 RGB (other resamplers are not bit-exact). RGBA drops alpha (no compositing).
 - A view is a float32 tensor `[3, 14*h, 14*w]` in [-1, 1]; the released processor's "patch strip" layout is the
   model's business (docs/architecture.md). Normalisation goes through a 256-entry table that holds exactly the
   released float32 arithmetic `(x / 255 - 0.5) / 0.5`, so it is bit-exact and one gather per view.
-- Fixed vs the reference (spec 10, item 18): the channel layout is never guessed from array shapes, so images
-  with sides of 1-3 px work. Bad input raises `ImageError` naming the source: unreadable, truncated or
+- Fixed vs the release (docs/reference.md 10.18): the channel layout is never guessed from array shapes, so
+  images with sides of 1-3 px work. Bad input raises `ImageError` naming the source: unreadable, truncated or
   unsupported files, and decompression bombs (more than `MAX_IMAGE_PIXELS` pixels, checked from the header
   before any pixel is decoded).
 - Files and bytes are turned upright with their EXIF orientation (what every viewer shows); PIL images are used
@@ -141,7 +141,7 @@ def to_rgb(img: Image.Image, name: str | None = None) -> Image.Image:
         raise ImageError(f"{name or describe(img)}: cannot convert mode {img.mode} to RGB ({e})") from None
 
 
-# ---- the released size rules (spec 6.2) -------------------------------------------------------------------------
+# ---- the released size rules (docs/reference.md 6.2) ------------------------------------------------------------
 def ensure_divide(length: float, patch: int) -> int:
     """Nearest multiple of `patch`, at least `patch`. Python's round() is banker's rounding, on purpose."""
     return max(round(length / patch) * patch, patch)
@@ -257,8 +257,8 @@ def preprocess_image(src: Any, scale: int = 448, max_slice_nums: int = 9, patch:
 
 # ---- text -------------------------------------------------------------------------------------------------------
 def image_placeholder(grid: tuple[int, int] | None, query_num: int, image_id: int | None = None) -> str:
-    """The released placeholder text (spec 6.4): optional `<image_id>i</image_id>`, the overview block, then the
-    slice rows (no newline after `</image>`, a single `\\n` between rows)."""
+    """The released placeholder text (docs/reference.md 6.4): optional `<image_id>i</image_id>`, the overview
+    block, then the slice rows (no newline after `</image>`, a single `\\n` between rows)."""
     unk = "<unk>" * query_num
     text = "" if image_id is None else f"<image_id>{image_id}</image_id>"
     text += f"<image>{unk}</image>"

@@ -1,6 +1,6 @@
 """Tokenizers: the released MiniCPM-V 4.5 one (Qwen2 byte-level BPE) and a tiny built-in one for tiny models.
 
-Notable (spec 8.1):
+Notable (docs/reference.md 8.1):
 - `Tokenizer.from_dir` rebuilds the released tokenizer from `vocab.json` + `merges.txt` + the added tokens, with the
   same pieces as Qwen2's fast tokenizer: NFC normaliser, the Qwen2 split regex, byte-level BPE, no BOS ever. Ids
   are checked against the ones the files declare (`<unk>` = 128244 lives inside the BPE vocab; the 105 added
@@ -11,7 +11,7 @@ Notable (spec 8.1):
   same special token strings, `<unk>` = 0, `<|endoftext|>` = 1 (pad, config bos), `<|im_end|>` = 2 (eos), so it
   fits the `tiny` preset's `vocab_size=512`, `bos_token_id=1`, `eos_token_id=2`. `Tokenizer.tiny(chars=True)` is
   the same vocabulary without merges (one token per character).
-- The pad id is `<|endoftext|>` (the release's `pad_token`), not 0 = `!` (spec 10, item 8).
+- The pad id is `<|endoftext|>` (the release's `pad_token`), not 0 = `!` (docs/reference.md 10.8).
 """
 
 from __future__ import annotations

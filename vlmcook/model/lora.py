@@ -7,7 +7,7 @@ Notable:
 - Init as in the LoRA paper (and peft): A ~ kaiming-uniform(a=sqrt(5)), B = 0, so a fresh adapter is the identity
   change and training starts from the base model's outputs exactly.
 - Default targets are the LLM attention projections q/k/v/o, as the released finetune script does (r=64, alpha=64,
-  dropout 0.05; reference-training-recipe.md section 6). Vision / resampler targets are opt-in by regex.
+  dropout 0.05; docs/reference.md R6). Vision / resampler targets are opt-in by regex.
 - `merge_lora` folds `W + (alpha/r) B A` into plain `nn.Linear`s in place: the state_dict is then exactly the
   released key set.
 """

@@ -5,7 +5,7 @@ Notable:
   with no conversion table.
 - All views of a batch go through the vision tower packed (no padding), then through the resampler once; the outputs
   are split back per sample **by number of packages** (the reference splits by number of views, which misassigns
-  video features for batch > 1: spec oddity 7).
+  video features for batch > 1: docs/reference.md 10.7).
 - Each sample's `<unk>` spans must hold exactly `packages * query_num` positions; anything else is an error, never a
   silent partial scatter.
 - With labels, the LM head runs only on the positions that have a label: a 151k-wide vocabulary times every prompt

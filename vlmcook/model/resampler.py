@@ -1,23 +1,16 @@
 """Unified 2D/3D perceiver resampler (`resampler`): packed vision features -> `num_queries` tokens per package.
 
-Notable:
-- One cross-attention layer. Queries = LN_q(query) with no positional term; values = u = LN_kv(kv_proj(x));
-  keys = u + 2-D sincos(row, col) (+ temporal sincos(t) for video frames, t >= 0). Output = LN_post(attn) @ proj.
-- A *package* (list of temporal ids, spec 5.4) is a run of consecutive views whose keys/values are concatenated
-  view-major and attended jointly -> exactly one output. Images are packages `[-1]` (no temporal term).
-- Sincos tables are computed on the fly for any size (no 70x70 / 72000-row buffers; they are not in the checkpoint)
-  with the reference's arithmetic: numpy float32 throughout (omega = 1 / 10000 ** (arange(n) / n), pos * omega,
-  sin/cos), then cast to the activation dtype just before being added, in the reference's order
-  (u + pos2d, then + temp). The 2-D table is factored into one per-axis table (`_axis_table`): the reference's
-  grid computation is elementwise, so gathering rows/cols from a 1-D table gives the same bits.
-- **Column first** (spec 5.1): pos2d[r, c] = [sin(c w), cos(c w), sin(r w), cos(r w)], w_k = 10000^(-k/(D/4)).
-- Attention is our own `PackedCrossAttention` holding the released `attn.in_proj_weight/in_proj_bias/out_proj`
-  (rows Q|K|V, like torch's MultiheadAttention). Packages of equal key length are batched together, so no key is
-  ever padded and no mask is needed: no wasted compute on padding when a 6-frame package shares a batch with
-  single images, and a package's output cannot depend on the rest of the batch (the reference's foreach path masks
-  the wrong keys, spec 10.6). K/V projections run once on the packed [N, D] rows, before grouping.
-- A package is all -1 (no temporal term; normally one view) or all >= 0 (video frames). Mixing them is an error:
-  no processor produces it and it most likely means ids were mis-assigned.
+- One cross-attention layer (docs/reference.md 5): queries LN_q(query), no positional term; values
+  u = LN_kv(kv_proj(x)); keys u + 2-D sincos(row, col) (+ temporal sincos(t) for frames, t >= 0); LN_post(attn) @ proj.
+- A *package* (temporal ids, docs/reference.md 5.4) is a run of consecutive views whose keys/values are concatenated
+  view-major and attended jointly -> exactly one output. Images are packages `[-1]`. A package is all -1 or all
+  >= 0 (video frames); mixing them is an error (no processor produces it: ids were mis-assigned).
+- Sincos tables are computed on the fly for any size with the release's float32 arithmetic and order, so the bits
+  match (**column first**, docs/reference.md 5.1); docs/architecture.md "Resampler numerics" says how.
+- Attention is our `PackedCrossAttention` over the released `attn.in_proj_weight/in_proj_bias/out_proj` (rows
+  Q|K|V). Packages of equal key length are batched together: no key is padded, no mask is needed, and a package's
+  output cannot depend on the rest of the batch (the release's per-group path masks the wrong keys,
+  docs/reference.md 10.6). K/V projections run once on the packed [N, D] rows, before grouping.
 """
 
 from __future__ import annotations

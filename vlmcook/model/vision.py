@@ -1,15 +1,15 @@
 """SigLIP NaViT vision tower (`vpm`): packed patches of many views -> one feature per patch.
 
-- Attribute names equal the released weight keys under `vpm.` (spec 3), so the released state_dict loads directly
-  (and so does transformers' `Idefics2VisionTransformer`'s, which has the same layout).
+- Attribute names equal the released weight keys under `vpm.` (docs/reference.md 3), so the released state_dict
+  loads directly (and so does transformers' `Idefics2VisionTransformer`'s, which has the same layout).
 - Views of any size are packed, never padded: every Linear / LayerNorm / MLP runs on the packed `[N, D]` tensor.
   Only attention needs per-view structure; the packed sequence is reordered once so that views of equal length sit
   next to each other, and each run of equal-length views is one batched SDPA call on a zero-copy view.
 - The patch Conv2d (kernel = stride = patch) is applied as a Linear on flattened patches: identical math, and it
   works on packed patches of different views.
 - Position ids follow the *released* NaViT rule bit for bit: float32 `torch.arange` / `torch.bucketize` on the CPU
-  (spec 4.3, oddity 1). Integer `floor(side * k / n)` or transformers' `k * (1/n)` give different ids for some n
-  (25, 49, 50, 55, 58, ...), and the weights were trained with the released rounding.
+  (docs/reference.md 4.3, 10.1). Integer `floor(side * k / n)` or transformers' `k * (1/n)` give different ids for
+  some n (25, 49, 50, 55, 58, ...), and the weights were trained with the released rounding.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """GRPO as small pure functions: advantages, the clipped token-level surrogate, optional KL / entropy terms, group
 dropping and the truncation rule. Everything takes tensors and returns tensors; the loop is in rl/train.py.
 
-Notable (reference-training-recipe.md sections 4.1, 5, 7):
+Notable (docs/reference.md R4.1, R5, R7):
 - Advantage (verl / RLPR / TRL "group"): A_i = (r_i - mean_g r) / (std_g r + eps), unbiased std, eps = 1e-6;
   `scale="none"` is Dr. GRPO's r_i - mean. One advantage per completion, broadcast over its tokens.
 - Groups whose rewards have std < 1e-6 carry no signal (every A_i = 0): they are dropped *before* the update, so

@@ -2,8 +2,8 @@
 learning-rate schedules (pure functions of the step), and the small helpers the loop calls.
 
 Notable:
-- Stages follow the report (reference-training-recipe.md sections 2-3): pt1 trains the resampler only, pt2 adds
-  the vision tower, pt3 / sft / video3d train everything. With LoRA the LLM's own weights stay frozen and only its
+- Stages follow the report (docs/reference.md R2-R3): pt1 trains the resampler only, pt2 adds the vision tower,
+  pt3 / sft / video3d train everything. With LoRA the LLM's own weights stay frozen and only its
   adapters train (the vision side follows the stage), as the released LoRA finetune does.
 - Schedules are pure `(step, ...) -> lr` functions; the step is the 0-based optimizer step, and the lr returned is
   the one used *for* that step. Warmup is linear from peak/W (never 0, so step 0 is not wasted) to peak.
