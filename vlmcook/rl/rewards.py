@@ -1,21 +1,15 @@
 """Rewards as plain callables, and the composite R = R_acc + R_format + R_rep + w_rm * z_group(R_rm) (w_rm = 0.5).
 
-Notable (reference-training-recipe.md sections 4.2 and 5; the report names R_format / R_rep without defining them):
-- Completions are the generated text after the template's prefill: in long mode the prompt already ends in
-  `<think>\\n`, so a well-formed long completion is `reasoning</think>answer`; in short mode the prompt ends in the
-  empty think block, so a completion is just the answer.
-- R_format in {0, -1}: long mode must close exactly one think block (no `<think>` of its own, non-empty reasoning)
-  and then give a non-empty answer; short mode must contain no think tag and a non-empty answer. A penalty (not
-  a bonus) so that a correct, well-formed answer scores R = 1 in both modes.
-- R_acc: a rule verifier (number with tolerance, multiple-choice letter, normalised string, ANLS) on the *answer*
-  part, or RLPR's probability reward ("prob"): mean token probability of the reference answer spliced after the
-  sample's own reasoning, minus the same for the prompt with no reasoning (computed once with the initial policy
-  and cached per prompt), floored at 0. In short mode there is no reasoning, so PR - baseline only measures policy
-  drift and is the same for every sample of a group: rule verifiers are what teach short mode.
-- R_rep (RLPR's rule): split on whitespace and `_`, slide a 10-word window; -1 if any 10-gram occurs >= `limit`
-  times (10, RLPR's trainer setting), else 0.
-- R_rm: any `(prompts, answers) -> scores` callable; it sees the answer only, never the thinking.
-  `concise_preference` is the shipped CPU scorer; z_group is the z-score over the group's samples.
+Notable (docs/reference.md R4.2, R5; the report names R_format / R_rep without defining them: our reading is in
+docs/architecture.md, "RL rewards"):
+- Completions are the text generated after the template's prefill (long mode: `reasoning</think>answer`; short
+  mode: just the answer).
+- R_format in {0, -1}: one well-closed think block then a non-empty answer (long), no think tag and a non-empty
+  answer (short). A penalty, not a bonus, so a correct well-formed answer scores R = 1 in both modes.
+- R_acc: a rule verifier (number, choice letter, string, ANLS) on the *answer*, or RLPR's probability reward
+  ("prob", floored at 0 after subtracting the no-reasoning baseline).
+- R_rep (RLPR's rule): -1 if any 10-word window occurs >= `limit` (10) times, else 0.
+- R_rm: any `(prompts, answers) -> scores` callable, answer only; z_group = z-score over the group's samples.
 - Robustness: a callable that raises or returns NaN/inf, an empty completion, an unclosed think block, a task with
   no usable verifier all get a defined reward (0 for R_acc / the z-scored R_rm) and are counted in `issues`.
 """

@@ -1,36 +1,17 @@
 """Training data: SFT records -> processed samples, skip accounting, a seeded mixture, batches and sequence packing.
 
-SFT JSONL format (one JSON object per line; blank lines are ignored):
-
-    {"id": "doc-17",
-     "images": ["img/doc-17.png"],                                    # paths relative to the JSONL's folder
-     "videos": [{"path": "vid/v3.mp4", "fps": 5, "packing": 2, "max_frames": 64}],   # optional, same rule
+SFT JSONL, one object per line (every rule: docs/architecture.md, "SFT JSONL"); paths are relative to the file:
+    {"id": "doc-17", "images": ["img/doc-17.png"], "videos": [{"path": "vid/v3.mp4", "fps": 5, "packing": 2}],
      "messages": [{"role": "user", "content": "(<image>./</image>)\\n(<video>./</video>)\\nWhat ...?"},
-                  {"role": "assistant", "content": "..."}],
-     "meta": {...}}                                                    # free-form, never read here
+                  {"role": "assistant", "content": "..."}], "meta": {...}}
+Markers take the next "images" / "videos" entry in order (the counts must match); the last message is an
+assistant turn (every assistant turn is supervised, chat.build_labels).
 
-- `(<image>./</image>)` takes the next entry of "images", `(<video>./</video>)` the next entry of "videos", in the
-  order the markers appear across the messages; the counts must match. Roles are system / user / assistant; the
-  last message must be an assistant turn (every assistant turn is supervised, chat.build_labels).
-- A video entry is `{"path"}` plus any of the processor's video knobs `fps` (sampling rate), `packing` (frames per
-  resampler package, 1-6), `max_frames`, `max_visual_tokens`, `max_slice_nums`, `use_image_id`; missing knobs take
-  the processor's defaults (video.py / processor.py).
-- Mapping to the processor: image markers stay in the text and the images go to `images=`; a video marker splits its
-  string into content items around a `{"type": "video", ...}` item. The processor joins content items with "\\n",
-  so one newline touching the marker on each side is absorbed: `"(<video>./</video>)\\nQ"` renders exactly as the
-  image marker would (a marker written inline gets a newline on each side instead).
-- In memory (synthetic sources), an image entry may also be a PIL image and a video "path" may be mp4 bytes.
-
-Bad input: a line that does not parse, a record of the wrong shape, an image / video that fails to decode or a
-sample longer than `max_length` is skipped and counted in a `SkipLog` (reason, file:line) - or, with `strict=True`,
-raises `DataError` naming file:line and the reason.
-
-Batches: `collate_batch` pads on the right (labels -100 on pads). `pack` puts several samples in one row: its
-`segment_ids [B, T]` (0 = padding, k = k-th sample of the row) make the decoder's attention block-diagonal causal
-and positions restart per sample; visual inputs of a row are its samples' concatenated (bounds shifted).
-
-`Mixture`: sample i is a pure function of (seed, i): a resumed run continues at position i, and rank r of `world`
-processes takes positions r, r + world, ... (`Mixture.iterate`).
+Bad input (unparsable line, wrong shape, media that fails to decode, sample longer than `max_length`) is skipped and
+counted in a `SkipLog` (reason, file:line), or with `strict=True` raises `DataError` naming file:line.
+`collate_batch` pads on the right (labels -100 on pads); `pack` puts several samples in one row, `segment_ids [B, T]`
+making attention block-diagonal causal. `Mixture`: sample i is a pure function of (seed, i), so a resumed run
+continues at i and rank r of `world` processes takes positions r, r + world, ... (`Mixture.iterate`).
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
-"""Per-region visual corruption at three visibility levels (the paper's "dynamic visual corruption").
+"""Per-region visual corruption at three visibility levels (docs/reference.md R2.1, "dynamic visual corruption").
 
-Notable:
 - Which regions: a fraction (`region_fraction`, at least one) of the regions whose box overlaps no other region's
-  box, so corrupting one region can never damage the glyphs of another. Each chosen region draws its level from
-  `weights`. The paper gives neither the selection rule nor the operators; these are our documented choices.
-- Strengths scale with the region's text height `h` (median line box height, or estimated from area and
-  character count), so a level means the same on a 150 dpi scan and a 300 dpi render.
-  - low (legible; Nougat/SynthDoG-strength): slight sinusoidal warp (<= `low_warp`*h), Gaussian blur
-    (sigma <= `low_blur`*h), noise (sigma <= `low_noise`), JPEG (`low_jpeg` quality range) on the region.
-  - medium (glyph-level damage): blobs of paper colour wipe `medium_erase` of the area (blob scale ~0.35 h, about
-    a glyph), then the region is pixelated to cells of `medium_cell`*h (~3 cells per x-height: single letters
-    become ambiguous, word shapes survive), then strong noise (`medium_noise`). Defaults were tuned by eye and
-    by tesseract (reports/docs_data.md): CER ~0.6, most words still guessable by a reader who has the context.
-  - high (fully masked): the box is filled with the paper colour (median of a ring around the box), flat by
-    default (optionally plus grain of the paper's own level, capped at `high_grain`); no glyph pixel survives
-    (tests check this). The flat patch is faintly visible on grainy paper, like Pix2Struct's rendered masks.
+  box, so corrupting one region never damages another's glyphs; each draws its level from `weights`. The paper
+  gives neither the selection rule nor the operators: these are our choices (docs/architecture.md, "Document data").
+- Strengths scale with the region's text height `h`, so a level means the same at 150 and 300 dpi:
+  - low (legible, Nougat/SynthDoG strength, docs/reference.md R8): slight warp, blur, noise and JPEG;
+  - medium (glyph-level damage): paper-colour blobs wipe `medium_erase` of the area, then pixelation to cells of
+    `medium_cell`*h and strong noise (tesseract CER ~0.6, reports/docs_data.md);
+  - high (fully masked): the box is filled with the paper colour; no glyph pixel survives (tests check this).
 - `corrupt_page` is pure: all randomness comes from `rngs(seed, "corrupt", page.source)`.
 """
 

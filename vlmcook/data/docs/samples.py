@@ -1,20 +1,16 @@
-"""Training samples from corrupted pages: prompt + target in the project's SFT chat format, and the JSONL writer.
+"""Training samples from corrupted pages: prompt + target in the project's SFT chat format.
 
-Notable:
 - Record: `{"id", "images": [relative path], "messages": [user, assistant], "meta"}`; the user turn starts with
   the released image marker `(<image>./</image>)` (one per image, in order) and a newline.
-- Two tasks (the paper does not say how prompts name regions; these are our choices, weights configurable):
-  - "page": transcribe the whole page in reading order, restoring damaged / hidden text. Target: region texts in
-    reading order separated by blank lines; a table's cells become `| a | b |` rows.
-  - "regions": the prompt lists the corrupted regions as `<box>x1 y1 x2 y2</box>` (released grounding format:
-    top-left and bottom-right corners, integers normalised to 0-1000 of the image width / height, see
-    OpenBMB/MiniCPM-V#982 and MiniCPM-V-CookBook#39); the target answers one line per region in prompt order,
-    `<ref>original text</ref><box>x1 y1 x2 y2</box>`, the released ref+box pairing.
-- Writing (JSONL + images, in parallel) lives in pipeline.py; streaming in stream.py.
-- Targets are always the original text; which regions were corrupted at which level is in `meta` (so training can
-  weight or filter levels).
-- `make_sample` is pure given (page, seed, configs): the prompt wording and task come from
-  `rngs(seed, "sample", page.source)`.
+- Two tasks (the paper does not say how prompts name regions: our choices, weights configurable):
+  - "page": transcribe the whole page in reading order, restoring damaged / hidden text; region texts separated by
+    blank lines, a table's cells as `| a | b |` rows.
+  - "regions": the prompt lists the corrupted regions as `<box>x1 y1 x2 y2</box>` (the released grounding format,
+    docs/architecture.md "Document data"); the target is one `<ref>original text</ref><box>...</box>` line per
+    region, in prompt order.
+- Targets are always the original text; which regions were corrupted at which level is in `meta`.
+- `make_sample` is pure given (page, seed, configs): wording and task come from `rngs(seed, "sample", page.source)`.
+  Writing (JSONL + images, in parallel) lives in pipeline.py; streaming in stream.py.
 """
 
 from __future__ import annotations
