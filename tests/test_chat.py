@@ -1,5 +1,5 @@
-"""Chat format: equal to the released Jinja chat_template over many message lists; spec 8.2 / vector 15 strings;
-SFT label masks checked against hand-derived supervised text; split_reasoning."""
+"""Chat format: equal to the released Jinja chat_template over many message lists; docs/reference.md 8.2 /
+11.15 strings; SFT label masks checked against hand-derived supervised text; split_reasoning."""
 
 import json
 import random
@@ -155,7 +155,8 @@ def test_labels_keep_real_reasoning(tok):
 
 
 def test_labels_only_the_last_turn_skips_its_empty_think(tok):
-    # an earlier turn after the last query with an explicit empty think keeps it supervised (spec: last turn only)
+    # an earlier turn after the last query with an explicit empty think keeps it supervised (docs/reference.md 8.8:
+    # the 4-token skip is for the last turn only)
     msgs = [{"role": "user", "content": "Q"},
             {"role": "assistant", "content": "A", "reasoning_content": "r"},
             {"role": "assistant", "content": "B"}]

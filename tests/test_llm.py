@@ -80,7 +80,7 @@ def test_state_dict_keys_are_the_released_llm_keys(reference_dir):
     index = json.loads((reference_dir / "model.safetensors.index.json").read_text())["weight_map"]
     released = {k[len("llm."):] for k in index if k.startswith("llm.")}
     assert set(model.state_dict()) == released
-    # spec 2.5: llm parameter count, and per-tensor shapes from spec 3
+    # docs/reference.md 2.5: llm parameter count, and per-tensor shapes from docs/reference.md 3
     assert sum(p.numel() for p in model.parameters()) == 8_189_195_264
     sd = model.state_dict()
     assert sd["model.layers.0.self_attn.k_proj.weight"].shape == (1024, 4096)

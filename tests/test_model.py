@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from vlmcook.config import PRESETS
 from vlmcook.model.minicpmv import MiniCPMV
 
-# Shapes from the spec's checkpoint table (section 3), written out independently of our config code.
+# Shapes from the checkpoint table of docs/reference.md 3, written out independently of our config code.
 SPEC_SHAPES = [
     (r"llm\.model\.embed_tokens\.weight", [151748, 4096]),
     (r"llm\.model\.layers\.\d+\.self_attn\.[qo]_proj\.weight", [4096, 4096]),

@@ -1,6 +1,6 @@
-"""Processor: spec section 11 vectors (token counts, bounds, views, packages), ids and bounds against an independent
-re-statement of the released text assembly (whole-text encode + start/end token scan), video packages, labels,
-collate, token accounting agreeing with the real output, bad inputs."""
+"""Processor: docs/reference.md 11 vectors (token counts, bounds, views, packages), ids and bounds against an
+independent re-statement of the released text assembly (whole-text encode + start/end token scan), video packages,
+labels, collate, token accounting agreeing with the real output, bad inputs."""
 
 import io
 import re
@@ -24,7 +24,7 @@ def big(reference_dir):
 
 @pytest.fixture(scope="module")
 def v45():
-    """v4_5 numbers (448 px, 64 queries, 9 slices) with the tiny tokenizer: spec vectors without the release."""
+    """v4_5 numbers (448 px, 64 queries, 9 slices) with the tiny tokenizer: section 11 vectors, no release files."""
     return Processor(Tokenizer.tiny(), MiniCPMVConfig.from_name("v4_5"))
 
 
@@ -55,7 +55,7 @@ def run(proc, messages, **kw):
     return out, cnt
 
 
-# ---- independent re-statement of the released text assembly (spec 6.4, 7.3, 8.4) -----------------------------------
+# ---- independent re-statement of the released text assembly (docs/reference.md 6.4, 7.3, 8.4) ----------------------
 def _ref_placeholder(size, idx, q, use_id, max_slice):
     u = "<unk>" * q
     text = (f"<image_id>{idx}</image_id>" if use_id else "") + f"<image>{u}</image>"
@@ -87,7 +87,7 @@ def _joined(content):
     return "\n".join(IMAGE_MARKER if isinstance(c, Image.Image) else c for c in content)
 
 
-# ---- spec section 11 vectors -----------------------------------------------------------------------------------------
+# ---- docs/reference.md 11 vectors ------------------------------------------------------------------------------
 @pytest.mark.parametrize("size, n_tokens, bounds, shapes", [
     ((1000, 600), 201, [[7, 71], [73, 137], [139, 203]], [(350, 574), (490, 406), (490, 406)]),  # vector 1
     ((448, 448), 69, [[7, 71]], [(448, 448)]),  # vector 2
@@ -263,7 +263,8 @@ def test_vector_13_released_bounds_and_sliced_frames(big):
     out, cnt = run(big, [{"role": "user", "content": [video, "Describe"]}])
     assert (cnt.views, cnt.packages, cnt.visual_tokens) == (49, 21, 1344)
     text = big.tokenizer.decode(out["input_ids"][0])
-    assert re.findall(r"<image_id>(\d+)</image_id>", text) == ["0", "1", "2"]  # release: 0, 3, 6 (spec 10 item 3)
+    # the release numbers them 0, 3, 6 (docs/reference.md 10.3)
+    assert re.findall(r"<image_id>(\d+)</image_id>", text) == ["0", "1", "2"]
     # order: package, then view index, then frame; each package repeats its ids once per view index
     per_frame = [preprocess_image(f, 448, 9).views for f in frames]
     order = [(f, s) for pk in ([0, 1, 2], [3, 4, 5], [6]) for s in range(7) for f in pk]
@@ -273,7 +274,7 @@ def test_vector_13_released_bounds_and_sliced_frames(big):
 
 @pytest.fixture(scope="module")
 def video_6s(tmp_path_factory):
-    """6 s at 30 fps (180 frames), 320x180, frame k filled with grey level k (spec vectors 9-11's timing)."""
+    """6 s at 30 fps (180 frames), 320x180, frame k filled with grey level k (docs/reference.md 11.9-11.11 timing)."""
     av = pytest.importorskip("av")
     path = tmp_path_factory.mktemp("video") / "six.mp4"
     with av.open(str(path), "w") as c:
@@ -371,7 +372,7 @@ def test_collate(tiny, side):
 
 
 def test_exclamation_mark_is_not_padding(big):
-    # the release pads with 0 = "!" and masks every "!" (spec 10 item 8)
+    # the release pads with 0 = "!" and masks every "!" (docs/reference.md 10.8)
     out = big([{"role": "user", "content": "Hello!"}])
     assert 0 in out["input_ids"][0].tolist() and bool(out["attention_mask"].all())
     batch = collate([out, big([{"role": "user", "content": "A much longer question here?"}])], big.tokenizer.pad_id)

@@ -280,7 +280,7 @@ def test_parameter_names_and_shapes_match_released_checkpoint(reference_dir):
         m = Resampler(MiniCPMVConfig.from_name("v4_5").resampler)
     shapes = {k: tuple(v.shape) for k, v in m.state_dict().items()}
     assert set(shapes) == released
-    # shapes from the spec's checkpoint table (section 3)
+    # shapes from the checkpoint table of docs/reference.md 3
     assert shapes["query"] == (64, 4096) and shapes["kv_proj.weight"] == (4096, 1152)
     assert shapes["attn.in_proj_weight"] == (12288, 4096) and shapes["attn.in_proj_bias"] == (12288,)
     assert shapes["attn.out_proj.weight"] == (4096, 4096) and shapes["proj"] == (4096, 4096)

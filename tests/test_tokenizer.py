@@ -1,6 +1,6 @@
 """Tokenizers: the released one rebuilt from vocab+merges must give the ids transformers' Qwen2 tokenizer gives
-for the same files (and the spec's ids); the tiny one must carry the same special strings and fit the tiny preset;
-save() output must be readable by transformers and by us."""
+for the same files (and the ids of docs/reference.md 8.1); the tiny one must carry the same special strings and fit
+the tiny preset; save() output must be readable by transformers and by us."""
 
 import json
 import shutil
@@ -54,8 +54,8 @@ def test_released_ids_match_transformers(released, hf_released):
         assert released.decode(ids, skip_special_tokens=True) == hf_released.decode(ids, skip_special_tokens=True)
 
 
-def test_released_ids_from_spec(released):
-    # spec 8.1 table and vector 15
+def test_released_ids_from_the_reference(released):
+    # docs/reference.md 8.1 table and 11.15
     assert released.encode("Hello!") == [9707, 0]
     assert released.encode("<image_id>12</image_id>") == [151681, 16, 17, 151682]
     assert released.encode("<|im_start|>assistant\n<think>\n\n</think>\n\n") == \

@@ -81,7 +81,7 @@ def test_names_and_shapes_match_the_release(reference_dir):
         model = VisionTransformer(VisionConfig())
     shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     assert set(shapes) == released
-    # shapes and parameter count from the spec (sections 2.5 and 3)
+    # shapes and parameter count from docs/reference.md 2.5 and 3
     assert shapes["embeddings.patch_embedding.weight"] == (1152, 3, 14, 14)
     assert shapes["embeddings.position_embedding.weight"] == (4900, 1152)
     assert shapes["encoder.layers.26.mlp.fc1.weight"] == (4304, 1152)
@@ -110,7 +110,7 @@ def test_matches_idefics2_given_released_position_ids_on_trap_and_oversize_views
     hf = _hf_tower()
     model = VisionTransformer(CFG).eval()
     model.load_state_dict(hf.state_dict(), strict=True)
-    # 25 and 49 are rounding-trap sizes of the released rule (spec 4.3); 101 rows > the 70-row table
+    # 25 and 49 are rounding-trap sizes of the released rule (docs/reference.md 4.3); 101 rows > the 70-row table
     sizes = [(25, 7), (101, 3), (49, 2)]
     side = CFG.num_patches_per_side
     released = [navit_position_ids(h, w, side) for h, w in sizes]
@@ -123,14 +123,14 @@ def test_matches_idefics2_given_released_position_ids_on_trap_and_oversize_views
     torch.testing.assert_close(out, torch.cat(ref), atol=1e-5, rtol=1e-5)
 
 
-# ---- the released position-id rule (spec 4.3 and section 11) ---------------------------------------------------------
-def test_position_ids_spec_vector_1_rows_of_25():
+# ---- the released position-id rule (docs/reference.md 4.3 and 11) ---------------------------------------------
+def test_position_ids_vector_1_rows_of_25():
     rows = navit_position_ids(25, 1, 70) // 70
     assert rows.tolist() == [0, 2, 5, 8, 11, 13, 16, 19, 22, 25, 27, 30, 33, 36, 39, 41, 44, 47, 50, 53, 55, 58, 61,
                              64, 67]
 
 
-def test_position_ids_spec_vector_2_buckets_of_32():
+def test_position_ids_vector_2_buckets_of_32():
     want = [0, 2, 4, 6, 8, 10, 13, 15, 17, 19, 21, 24, 26, 28, 30, 32, 35, 37, 39, 41, 43, 45, 48, 50, 52, 54, 56, 59,
             61, 63, 65, 67]
     ids = navit_position_ids(32, 32, 70)
@@ -148,7 +148,7 @@ def test_position_ids_spec_vector_2_buckets_of_32():
     (55, {11: 13, 22: 27, 33: 41, 44: 55}),
     (58, {29: 34}),
 ])
-def test_position_ids_released_rounding_differs_from_floor_exactly_where_the_spec_says(n, special):
+def test_position_ids_released_rounding_differs_from_floor_exactly_where_the_reference_says(n, special):
     cols = navit_position_ids(1, n, 70)
     floor = [70 * k // n for k in range(n)]
     got = {k: int(c) for k, c in enumerate(cols) if int(c) != floor[k]}
@@ -156,7 +156,7 @@ def test_position_ids_released_rounding_differs_from_floor_exactly_where_the_spe
 
 
 def test_position_ids_for_views_larger_than_the_table():
-    ids = navit_position_ids(101, 10, 70)  # spec vector 8: a 100x1000 image becomes one 101x10 view
+    ids = navit_position_ids(101, 10, 70)  # docs/reference.md 11.8: a 100x1000 image becomes one 101x10 view
     assert ids.shape == (1010,)
     rows = ids.view(101, 10)[:, 0] // 70
     assert rows.min() == 0 and rows.max() == 69 and bool((rows.diff() >= 0).all())

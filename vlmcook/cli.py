@@ -321,6 +321,9 @@ def build_parser() -> argparse.ArgumentParser:
     from vlmcook.rl.cli import add_parser as add_rl_parser
 
     add_rl_parser(sub)
+    from vlmcook.eval.cli import add_parser as add_eval_parser
+
+    add_eval_parser(sub)
 
     data = sub.add_parser("data", help="generate training data").add_subparsers(dest="data_command", required=True,
                                                                                  metavar="KIND")
