@@ -13,6 +13,7 @@ from test_engine import ScriptedModel
 from vlmcook.checkpoint import save_model
 from vlmcook.config import PRESETS
 from vlmcook.data.tokenizer import Tokenizer
+from vlmcook.data.processor import ContextLengthError
 from vlmcook.infer.api import ChatModel, split_output, stable_split
 from vlmcook.model.minicpmv import MiniCPMV
 
@@ -229,7 +230,12 @@ def test_errors(tiny):
         tiny.chat("Hi", thinking="yes")
     with pytest.raises(ValueError, match="messages must be"):
         tiny.chat([])
-    with pytest.raises(TypeError, match=r"chat_batch request 1: unknown chat argument\(s\) \['tempreature'\]"):
+    with pytest.raises(TypeError, match=r"chat_batch request 1: .*unexpected keyword argument 'tempreature'"):
         tiny.chat_batch([dict(messages="a"), dict(messages="b", tempreature=0)])
-    with pytest.raises(ValueError, match="the prompt is .* more than max_length"):
+    with pytest.raises(ContextLengthError, match="the prompt is .* more than the"):
         tiny.chat("word " * 5000)
+    n = tiny.count_tokens("Hi").total
+    ctx = tiny.engine.context_length
+    with pytest.raises(ContextLengthError, match=f"more than the {ctx - (ctx - n + 1)} tokens"):
+        tiny.chat("Hi", max_new_tokens=ctx - n + 1)  # an explicit budget that does not fit is an error
+    assert tiny.chat("Hi", max_new_tokens=ctx - n, temperature=0).usage.prompt_tokens == n

@@ -1,5 +1,5 @@
 """Chat format: equal to the released Jinja chat_template over many message lists; docs/reference.md 8.2 /
-11.15 strings; SFT label masks checked against hand-derived supervised text; split_reasoning."""
+11.15 strings; SFT label masks checked against hand-derived supervised text."""
 
 import json
 import random
@@ -180,10 +180,3 @@ def test_unfinished_assistant_turn_supervised_to_the_end(tok):
     ids = tok.encode("<|im_start|>user\nQ<|im_end|>\n<|im_start|>assistant\npartial")
     assert _supervised_text(tok, ids, chat.build_labels(ids, tok)) == ["partial"]
 
-
-def test_split_reasoning():
-    assert chat.split_reasoning("<think>\nplan\n</think>\n\nanswer") == ("plan", "answer")
-    assert chat.split_reasoning("plan only\n</think>\n\nanswer") == ("plan only", "answer")  # after the prefill
-    assert chat.split_reasoning("<think>\nstill thinking") == ("still thinking", "")
-    assert chat.split_reasoning("plain answer") == ("", "plain answer")
-    assert chat.split_reasoning("<think>\n\n</think>\n\nok") == ("", "ok")

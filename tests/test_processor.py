@@ -13,7 +13,7 @@ from PIL import Image
 from vlmcook.config import MiniCPMVConfig
 from vlmcook.data import chat
 from vlmcook.data.image import IMAGE_MARKER, ImageError, preprocess_image, slice_grid
-from vlmcook.data.processor import Processor, collate
+from vlmcook.data.processor import ContextLengthError, Processor, collate
 from vlmcook.data.tokenizer import Tokenizer
 
 
@@ -204,8 +204,14 @@ def test_marker_strings_with_images_argument(tiny):
         tiny([{"role": "user", "content": f"{IMAGE_MARKER}{IMAGE_MARKER}"}], images=[a])
     with pytest.raises(ValueError, match="2 images were given but .* only 1"):
         tiny([{"role": "user", "content": f"{IMAGE_MARKER} hi"}], images=[a, b])
-    with pytest.raises(ValueError, match="1 images were given but .* only 0"):
-        tiny([{"role": "user", "content": "no marker"}], images=[a])
+    # no marker anywhere: the images go in front of the last user message, as the release's chat() does
+    unmarked = tiny([{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+                     {"role": "user", "content": "no marker"}], images=[a, b])
+    placed = tiny([{"role": "user", "content": "first"}, {"role": "assistant", "content": "ok"},
+                   {"role": "user", "content": [a, b, "no marker"]}])
+    assert torch.equal(unmarked["input_ids"], placed["input_ids"]) and len(unmarked["pixel_values"][0]) == \
+        len(placed["pixel_values"][0]) > 0
+    assert torch.equal(tiny("no marker", images=[a])["input_ids"], tiny([{"role": "user", "content": [a, "no marker"]}])["input_ids"])
 
 
 def test_image_ids_count_placeholders(tiny):
@@ -316,7 +322,7 @@ def test_video_budget_and_mixed_prompt(tiny, video_6s):
     assert out["temporal_ids"][0][0] == [-1] and out["temporal_ids"][0][-1] == [-1]
     text = tiny.tokenizer.decode(out["input_ids"][0])
     assert re.findall(r"<image_id>(\d+)</image_id>", text) == ["0", "1"]  # the video shows no ids by default
-    with pytest.raises(ValueError, match="max_visual_tokens=4 cannot hold one package"):
+    with pytest.raises(ValueError, match="max_visual_tokens=4 is below one package"):
         tiny.count_tokens([{"role": "user", "content": [{**video, "max_visual_tokens": 4}]}])
 
 
@@ -337,14 +343,18 @@ def test_max_length_never_truncates(tiny):
     msgs = [{"role": "user", "content": [_img(600, 600), "Hi"]}]
     n = tiny.count_tokens(msgs).total
     assert tiny(msgs, max_length=n)["input_ids"].shape[1] == n
-    with pytest.raises(ValueError, match=f"{n} tokens, more than max_length={n - 1}"):
+    with pytest.raises(ValueError, match=f"{n} tokens, more than the {n - 1} tokens"):
         tiny(msgs, max_length=n - 1)
     # the length is checked before any pixel is decoded: a broken image body is not even read
     buf = io.BytesIO()
     _img(600, 600).save(buf, format="PNG")
     broken = [{"role": "user", "content": [{"type": "image", "image": buf.getvalue()[:200]}, "Hi"]}]
-    with pytest.raises(ValueError, match="more than max_length"):
+    with pytest.raises(ContextLengthError, match=f"{n} tokens, more than the {n - 1}"):
         tiny(broken, max_length=n - 1)
+    # tokens reserved for the answer count against the limit; the error says so
+    with pytest.raises(ContextLengthError, match=f"more than the {n - 1} tokens \\({n + 9} minus 10 reserved"):
+        tiny(msgs, max_length=n + 9, reserve=10)
+    assert tiny(msgs, max_length=n + 10, reserve=10)["input_ids"].shape[1] == n
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
@@ -405,12 +415,12 @@ def test_bad_inputs(tiny, tmp_path):
     with pytest.raises(ValueError, match="a package holds 7 frames; the resampler takes at most 6"):
         tiny([{"role": "user", "content": [{"type": "video", "frames": _frames(7, 32, 32),
                                             "packages": [list(range(7))]}]}])
-    with pytest.raises(ValueError, match="unknown: \\['speed'\\]"):
+    with pytest.raises(ValueError, match="unknown key\\(s\\) \\['speed'\\]"):
         tiny([{"role": "user", "content": [{"type": "video", "video": "x.mp4", "speed": 2}]}])
     with pytest.raises(ValueError, match="reasoning is dropped"):
         tiny([{"role": "user", "content": "q"}, {"role": "assistant", "content": [_img(20, 20), "</think>a"]},
               {"role": "user", "content": "q2"}])
-    with pytest.raises(ValueError, match="max_slice_nums must be >= 1"):
+    with pytest.raises(ValueError, match="max_slice_nums must be an int >= 1, got 0"):
         tiny([{"role": "user", "content": [_img(20, 20)]}], max_slice_nums=0)
     with pytest.raises(ValueError, match="non-empty list"):
         tiny([])

@@ -62,23 +62,20 @@ def _load_chat_model(args):
     return ChatModel.load(str(folder), dtype=args.dtype, device=args.device)
 
 
-def _video_item(path: str, args) -> dict:
-    knobs = {"fps": args.fps, "max_frames": args.max_frames, "packing": args.packing,
-             "max_visual_tokens": args.max_visual_tokens}
-    return {"type": "video", "video": path, **{k: v for k, v in knobs.items() if v is not None}}
-
-
 def _media(args) -> list[dict]:
     items = [{"type": "image", "image": f} for f in args.image or []]
     if args.video:
-        items.append(_video_item(args.video, args))
+        items.append({"type": "video", "video": args.video})
     return items
 
 
 def _chat_kwargs(args) -> dict:
+    """The chat() arguments the flags set (video knobs apply to every video of the conversation)."""
     kw = {"thinking": args.think, "think_budget": args.think_budget, "max_new_tokens": args.max_new_tokens,
           "temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
-          "repetition_penalty": args.repetition_penalty, "seed": args.seed, "max_slice_nums": args.max_slice_nums}
+          "repetition_penalty": args.repetition_penalty, "seed": args.seed, "max_slice_nums": args.max_slice_nums,
+          "fps": args.fps, "max_frames": args.max_frames, "packing": args.packing,
+          "max_visual_tokens": args.max_visual_tokens}
     return {k: v for k, v in kw.items() if v is not None}
 
 
@@ -106,8 +103,6 @@ def _stream_turn(chat_model, messages: list[dict], kw: dict):
 def _turn(chat_model, messages: list[dict], args) -> tuple[str, str]:
     """Generate one reply to `messages`, print it (and the stats); returns (reasoning, answer)."""
     kw = _chat_kwargs(args)
-    count = chat_model.count_tokens(messages, thinking=args.think, max_slice_nums=args.max_slice_nums) \
-        if args.stats else None
     if args.stream:
         r = _stream_turn(chat_model, messages, kw)
     else:
@@ -116,18 +111,18 @@ def _turn(chat_model, messages: list[dict], args) -> tuple[str, str]:
             print(f"thinking: {r.reasoning}", file=sys.stderr)
         print(r.answer, flush=True)
     if args.stats:
-        _print_stats(count, r)
+        _print_stats(r)
     return r.reasoning, r.answer
 
 
-def _print_stats(count, r) -> None:
+def _print_stats(r) -> None:
     """Token accounting of one reply: the prompt's text / visual split, each image's views and each video's
     packages with the seconds they cover, then prefill and decode speed."""
     p, v, c = r.usage.prompt_tokens, r.usage.visual_tokens, r.usage.completion_tokens
     err = sys.stderr
     print(f"[stats] prompt {p} tokens ({p - v} text + {v} visual), completion {c} tokens, finish: "
           f"{r.finish_reason}", file=err)
-    for item in getattr(count, "items", []):
+    for item in r.prompt.items:
         line = (f"[stats]   {item.kind} ({item.where}) {item.size[0]}x{item.size[1]}: {item.views} views -> "
                 f"{item.packages} packages -> {item.visual_tokens} visual tokens")
         if item.spans:
@@ -146,7 +141,7 @@ def _attach(line: str, pending: list[dict], args) -> None:
     if not path or not Path(path).is_file():
         print(f"{cmd}: no such file {path!r}", file=sys.stderr)
         return
-    pending.append({"type": "image", "image": path} if cmd == "/image" else _video_item(path, args))
+    pending.append({"type": "image" if cmd == "/image" else "video", cmd[1:]: path})
     print(f"(attached {path} to your next message)", file=sys.stderr)
 
 

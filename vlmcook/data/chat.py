@@ -97,18 +97,6 @@ def render(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = Tru
     return "".join(parts)
 
 
-def split_reasoning(text: str) -> tuple[str, str]:
-    """Generated text -> (reasoning, answer). Handles the thinking prefill (text starting inside the block, with
-    or without the `<think>` tag) and an unfinished block (no `</think>` yet: all of it is reasoning)."""
-    if "</think>" in text:
-        head, _, answer = text.partition("</think>")
-        return head.split("<think>")[-1].strip("\n"), answer.lstrip("\n")
-    stripped = text.lstrip()
-    if stripped.startswith("<think>"):
-        return stripped[len("<think>"):].strip("\n"), ""
-    return "", text
-
-
 def build_labels(input_ids: Sequence[int], tokenizer) -> list[int]:
     """SFT labels for `input_ids` (aligned, not shifted): assistant tokens after each `<|im_start|>assistant\\n`
     through `<|im_end|>` keep their id, everything else is IGNORE_INDEX; the last assistant turn's empty think

@@ -1,32 +1,18 @@
-"""Messages with images and videos -> model inputs (docs/architecture.md contract); token accounting without pixels.
+"""Messages with images and videos -> model inputs: the one place where user input is validated.
 
-A message is `{"role": ..., "content": str | list}`; a content list holds strings, `{"type": "text", "text": s}`,
-PIL images, `{"type": "image", "image": PIL | path | bytes | uint8 array}` and
-`{"type": "video", "video": path | bytes | VideoClip, fps=, max_frames=, packing=, max_visual_tokens=,
-max_slice_nums=, use_image_id=}` (or `"frames": [PIL...]` + `"packages": [[temporal ids]...]` for frames you
-decoded yourself). Items of one message are joined with "\\n", as the released `chat()` does. The released marker
-`(<image>./</image>)` inside strings takes the next image of `images=[...]` (the counts must match).
+Everything a caller can get wrong (message shapes, content parts, media files, video knobs, prompt length) is
+checked here, once, and raised as a `ValueError` subclass naming where (`message 0 item 2`); the API, the CLI, the
+server and the training data pass inputs through and only map these errors. Formats, defaults and the layout of
+placeholders and views: docs/architecture.md ("Processor input" and the data contract).
 
-Layout (spec 6.4, 7.3): each image is `[<image_id>i</image_id>]<image>Q*<unk></image>` + slice rows; a video is one
-such block per package (per view index when frames are sliced), blocks joined by "\\n"; frames after the first of
-a package add no text. Views are listed image by image; for a video, package by package, then view index, then
-frame. Images default to the config's max_slice_nums / use_image_id; videos to max_slice_nums=1, use_image_id=False
-(the 4.5 README's video settings, spec 6.5). Values given to the call apply to images and videos alike (as released);
-a video item's own `max_slice_nums` / `use_image_id` win over both. A caller-decoded `VideoClip` keeps its frames
-and plan (its fps / max_frames / packing / max_visual_tokens knobs are not re-applied).
-
-Oddities of the release fixed on purpose (spec 10):
-- 3: image ids number the placeholders that show an id, 0, 1, 2, ... in prompt order; the release counts every
-  marker, including frames a package swallowed (0, 3, 6, ...). Identical for image-only prompts.
-- 4: `<image_id>` follows `use_image_id` for every image, sliced or not, in training and inference alike (the
-  release's finetune code only tagged sliced images; its inference tags all - we follow inference).
-- 8: padding uses the tokenizer's pad id (`<|endoftext|>`) and the attention mask comes from lengths, so a prompt's
-  own `!` (id 0) is never masked as padding.
-- 9: `image_bound` is built while the ids are assembled and checked (one span of exactly query_num `<unk>` per
-  package); a prompt longer than `max_length` raises instead of being truncated through a placeholder.
-- 16/18: `images=None` works; channel layout is never guessed (see image.py), tiny images work.
-Labels (when the conversation ends with an assistant turn and no generation prompt) come from chat.build_labels,
-with every placeholder token ignored as well.
+Notable:
+- Placeholder ids and their `<unk>` spans are built directly from the tokenizer's special ids (no text round trip);
+  a test checks them against tokenizing the released placeholder text (`image.image_placeholder`).
+- Token counts (`count_tokens`) and the context check come from image headers and video probes: a prompt that does
+  not fit raises `ContextLengthError` before any pixel is decoded; each video file is opened once per call.
+- Release oddities fixed on purpose (docs/reference.md 10): image ids count the placeholders that show one (10.3);
+  `<image_id>` follows `use_image_id` for every image (10.4); a prompt over the limit raises, never truncates
+  (10.9); `images=None` works and tiny images work (10.16, 10.18).
 """
 
 from __future__ import annotations
@@ -40,13 +26,30 @@ from PIL import Image
 
 from vlmcook.config import MiniCPMVConfig
 from vlmcook.data import chat
-from vlmcook.data.image import (IMAGE_MARKER, ImageError, ImageLayout, describe, image_layout, image_placeholder,
-                                image_size, load_image, normalize, view_images)
+from vlmcook.data.image import IMAGE_MARKER, ImageError, ImageLayout, describe, image_layout, image_size, load_image, \
+    normalize, view_images
 
-VIDEO_MARKER = "(<video>./</video>)"  # internal: where a video's blocks go in the rendered text
+VIDEO_MARKER = "(<video>./</video>)"  # where a video goes in a text, as IMAGE_MARKER for an image
 _MARKERS = re.compile(re.escape(IMAGE_MARKER) + "|" + re.escape(VIDEO_MARKER))
-VIDEO_KNOBS = ("fps", "max_frames", "packing", "max_visual_tokens")
-_VIDEO_KEYS = {"type", "video", "frames", "packages", "max_slice_nums", "use_image_id", *VIDEO_KNOBS}
+VIDEO_KNOBS = ("fps", "max_frames", "packing", "max_visual_tokens")  # how a video file is sampled and packed
+_PART_KEYS = {"text": {"type", "text"}, "image": {"type", "image"},
+              "video": {"type", "video", "frames", "packages", "max_slice_nums", "use_image_id", *VIDEO_KNOBS}}
+_MESSAGE_KEYS = {"role", "content", "reasoning_content"}
+# Decoded RGB pixels one call may hold (images + video frames, from headers, before decoding): ~3 GB as uint8.
+# A 1-minute 1080p clip at 5 fps is 0.6 G; the bound stops crafted requests (64 frames of 8k x 8k), not real use.
+MAX_PIXELS = 1_000_000_000
+
+
+class ContextLengthError(ValueError):
+    """The prompt (+ the tokens reserved for generation) does not fit; raised before any pixel is decoded."""
+
+    def __init__(self, prompt_tokens: int, max_length: int, reserve: int = 0):
+        self.prompt_tokens, self.max_length, self.reserve = prompt_tokens, max_length, reserve
+        room = f"{max_length} tokens" if not reserve else f"{max_length - reserve} tokens ({max_length} minus " \
+                                                          f"{reserve} reserved for the answer)"
+        super().__init__(f"the prompt is {prompt_tokens} tokens, more than the {room}; use fewer or smaller images, "
+                         f"fewer video frames (fps / max_frames / packing), or a shorter text (never truncated: "
+                         f"that could cut an image placeholder)")
 
 
 @dataclass
@@ -56,19 +59,21 @@ class _Visual:
     kind: str  # "image" | "video"
     src: Any
     where: str  # "message 0 item 2", for error messages
-    opts: dict = field(default_factory=dict)
+    opts: dict = field(default_factory=dict)  # video: knobs, max_slice_nums, use_image_id, packages
 
 
 @dataclass
 class _Planned:
-    """A visual after planning: its per-frame layout, packages and (when decoded) its views."""
+    """A visual after planning from headers: its per-frame layout, packages, and how to get its pixels."""
 
     visual: _Visual
     layout: ImageLayout
     packages: list[list[int]]  # per placeholder block (video package), the temporal ids of its frames
     use_image_id: bool
-    frames: list[Image.Image] | None = None  # decoded images / frames (None when only counting)
+    frames: list[Image.Image] | None = None  # caller-decoded frames (or a VideoClip's)
+    plan: Any = None  # video file: the FramePlan to decode
     spans: list[tuple[float, float]] | None = None  # video: (first, last) frame time of each package, seconds
+    pixels: int = 0  # decoded RGB pixels this visual will hold
 
 
 @dataclass(frozen=True)
@@ -79,7 +84,7 @@ class VisualCount:
     views: int  # view tensors the vision tower encodes
     packages: int  # resampler outputs (query_num tokens each)
     visual_tokens: int  # <unk> slots
-    placeholder_tokens: int  # all tokens of its placeholder text, <unk> slots included
+    placeholder_tokens: int  # all tokens of its placeholder, <unk> slots included
     spans: list[tuple[float, float]] | None = None  # video: seconds covered by each placeholder block's package
 
 
@@ -94,22 +99,26 @@ class TokenCount:
 
 
 class Processor:
-    def __init__(self, tokenizer, config: MiniCPMVConfig):
+    def __init__(self, tokenizer, config: MiniCPMVConfig, max_pixels: int = MAX_PIXELS):
         if tokenizer.vocab_size > config.llm.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                              f"{config.llm.vocab_size}")
-        self.tokenizer, self.config = tokenizer, config
+        self.tokenizer, self.config, self.max_pixels = tokenizer, config, max_pixels
         self.query_num, self.patch = config.query_num, config.patch_size
+        self._newline = tokenizer.encode("\n")
 
     # ---- public API -------------------------------------------------------------------------------------------
-    def __call__(self, messages: Sequence[dict], images: Sequence[Any] | None = None, thinking: bool | None = False,
+    def __call__(self, messages: str | Sequence[dict], images: Sequence[Any] | None = None,
+                 videos: Sequence[Any] | None = None, *, thinking: bool | None = False,
                  max_slice_nums: int | None = None, use_image_id: bool | None = None,
-                 add_generation_prompt: bool = True, max_length: int | None = None) -> dict[str, Any]:
+                 add_generation_prompt: bool = True, max_length: int | None = None, reserve: int = 0,
+                 **knobs) -> dict[str, Any]:
         """One sample: input_ids / attention_mask [1, T], pixel_values [[views]], temporal_ids [[packages]],
-        image_bound [LongTensor[n, 2]], and labels [1, T] when the conversation ends with an assistant turn and
-        add_generation_prompt is False."""
-        planned, ids, bounds, masked = self._build(messages, images, thinking, max_slice_nums, use_image_id,
-                                                   add_generation_prompt, max_length, decode=True)
+        image_bound [LongTensor[n, 2]], count (its TokenCount), and labels [1, T] when the conversation ends with an assistant turn and
+        add_generation_prompt is False. `knobs` (fps, max_frames, packing, max_visual_tokens) fill every video item
+        that does not set its own; `max_length` - `reserve` bounds the prompt (ContextLengthError)."""
+        planned, ids, bounds, masked = self._build(messages, images, videos, thinking, max_slice_nums, use_image_id,
+                                                   add_generation_prompt, max_length, reserve, knobs, decode=True)
         views, packages = [], []
         for p in planned:
             v, pk = self._views(p)
@@ -119,22 +128,25 @@ class Processor:
         out = {"input_ids": torch.tensor([ids], dtype=torch.long),
                "attention_mask": torch.ones(1, T, dtype=torch.long),
                "pixel_values": [views], "temporal_ids": [packages],
-               "image_bound": [torch.tensor(bounds, dtype=torch.long).reshape(-1, 2)]}
-        if messages[-1]["role"] == "assistant" and not add_generation_prompt:
+               "image_bound": [torch.tensor(bounds, dtype=torch.long).reshape(-1, 2)],
+               "count": self._count(planned, ids, bounds, masked)}
+        if not add_generation_prompt and self._last_role(messages) == "assistant":
             labels = chat.build_labels(ids, self.tokenizer)
             for s, e in masked:
                 labels[s:e] = [chat.IGNORE_INDEX] * (e - s)
             out["labels"] = torch.tensor([labels], dtype=torch.long)
         return out
 
-    def count_tokens(self, messages: Sequence[dict], images: Sequence[Any] | None = None,
-                     thinking: bool | None = False, max_slice_nums: int | None = None,
-                     use_image_id: bool | None = None, add_generation_prompt: bool = True,
-                     max_length: int | None = None) -> TokenCount:
-        """What `__call__` would produce, in tokens, from image headers and video probes only (no pixel decoding,
-        no video frames)."""
-        planned, ids, bounds, masked = self._build(messages, images, thinking, max_slice_nums, use_image_id,
-                                                   add_generation_prompt, max_length, decode=False)
+    def count_tokens(self, messages: str | Sequence[dict], images: Sequence[Any] | None = None,
+                     videos: Sequence[Any] | None = None, *, thinking: bool | None = False,
+                     max_slice_nums: int | None = None, use_image_id: bool | None = None,
+                     add_generation_prompt: bool = True, max_length: int | None = None, reserve: int = 0,
+                     **knobs) -> TokenCount:
+        """What `__call__` would produce, in tokens, from image headers and video probes only."""
+        return self._count(*self._build(messages, images, videos, thinking, max_slice_nums, use_image_id,
+                                        add_generation_prompt, max_length, reserve, knobs, decode=False))
+
+    def _count(self, planned: list[_Planned], ids: list[int], bounds: list, masked: list) -> TokenCount:
         items = []
         for p, (s, e) in zip(planned, masked):
             n_pk = len(p.packages) * p.layout.n_views
@@ -146,118 +158,176 @@ class Processor:
                           sum(i.packages for i in items), items)
 
     # ---- collecting -------------------------------------------------------------------------------------------
-    def _collect(self, messages: Sequence[dict], images: Sequence[Any] | None) -> tuple[list[dict], list[_Visual]]:
-        """Content lists -> strings with markers, plus the visuals in marker order."""
-        if isinstance(messages, dict) or not messages:
-            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts")
-        queue = list(images or [])
-        n_images, visuals, out = len(queue), [], []
+    @staticmethod
+    def _last_role(messages) -> str:
+        return "user" if isinstance(messages, str) else messages[-1]["role"]
+
+    def _collect(self, messages, images, videos, knobs: dict) -> tuple[list[dict], list[_Visual]]:
+        """Messages -> plain-text messages with markers, plus the visuals in marker order."""
+        if isinstance(messages, str):
+            messages = [{"role": "user", "content": messages}]
+        if isinstance(messages, dict) or not isinstance(messages, (list, tuple)) or not messages:
+            raise ValueError("messages must be a str or a non-empty list of {'role', 'content'} dicts")
         for i, m in enumerate(messages):
-            if not isinstance(m, dict) or "role" not in m or "content" not in m:
-                raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
-            content = m["content"]
-            items = [content] if isinstance(content, str) else content
-            if not isinstance(items, (list, tuple)):
-                raise ValueError(f"message {i}: content must be a str or a list, got {type(content).__name__}")
-            parts = [self._item(it, f"message {i} item {j}", queue, n_images, visuals) for j, it in enumerate(items)]
+            if not isinstance(m, dict) or "role" not in m or "content" not in m or set(m) - _MESSAGE_KEYS:
+                got = sorted(m) if isinstance(m, dict) else type(m).__name__
+                raise ValueError(f"message {i} must be a dict with 'role', 'content' and optionally "
+                                 f"'reasoning_content' (got {got})")
+            if not isinstance(m["content"], (str, list, tuple)):
+                raise ValueError(f"message {i}: content must be a str or a list, got {type(m['content']).__name__}")
+        for name, given in (("images", images), ("videos", videos)):
+            if given is not None and not isinstance(given, (list, tuple)):
+                raise ValueError(f"{name} must be a list, got {type(given).__name__}")
+        queues = {"image": list(images or []), "video": list(videos or [])}
+        self._given = {k: len(q) for k, q in queues.items()}
+        messages = self._place_unmarked_images(list(messages), queues["image"])
+        visuals, out = [], []
+        for i, m in enumerate(messages):
+            items = [m["content"]] if isinstance(m["content"], str) else m["content"]
+            parts = [self._item(it, f"message {i} item {j}", queues, visuals, knobs) for j, it in enumerate(items)]
             out.append({**m, "content": "\n".join(parts)})
-        if queue:
-            raise ValueError(f"{n_images} images were given but the messages hold only {n_images - len(queue)} "
-                             f"{IMAGE_MARKER} markers")
+        for kind, marker in (("image", IMAGE_MARKER), ("video", VIDEO_MARKER)):
+            if queues[kind]:
+                raise ValueError(f"{self._given[kind]} {kind}s were given but the messages hold only "
+                                 f"{self._given[kind] - len(queues[kind])} {marker} markers")
         return out, visuals
 
-    def _item(self, it: Any, where: str, queue: list, n_images: int, visuals: list[_Visual]) -> str:
+    @staticmethod
+    def _place_unmarked_images(messages: list[dict], images: list) -> list[dict]:
+        """`images=` with no marker anywhere go in front of the last user message (as the release's `chat()`)."""
+        texts = [it if isinstance(it, str) else it.get("text", "") if isinstance(it, dict) else ""
+                 for m in messages for it in ([m["content"]] if isinstance(m["content"], str) else m["content"])]
+        if not images or any(IMAGE_MARKER in t for t in texts if isinstance(t, str)):
+            return messages
+        users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+        if not users:
+            raise ValueError("images were given but there is no user message to put them in")
+        m = messages[users[-1]]
+        content = [m["content"]] if isinstance(m["content"], str) else list(m["content"])
+        messages[users[-1]] = {**m, "content": [IMAGE_MARKER] * len(images) + content}
+        return messages
+
+    def _item(self, it: Any, where: str, queues: dict, visuals: list[_Visual], knobs: dict) -> str:
         if isinstance(it, str):
-            if VIDEO_MARKER in it:
-                raise ValueError(f"{where}: text contains the reserved string {VIDEO_MARKER!r}")
-            for _ in range(it.count(IMAGE_MARKER)):
-                if not queue:
-                    raise ValueError(f"{where}: more {IMAGE_MARKER} markers than the {n_images} images given")
-                visuals.append(_Visual("image", queue.pop(0), f"{where} (images[{n_images - len(queue) - 1}])"))
+            for marker in _MARKERS.findall(it):
+                kind = "image" if marker == IMAGE_MARKER else "video"
+                if not queues[kind]:
+                    raise ValueError(f"{where}: more {marker} markers than the {self._given[kind]} {kind}s given")
+                src = queues[kind].pop(0)
+                if kind == "image":
+                    visuals.append(_Visual("image", src, where))
+                else:
+                    visuals.append(self._video(src if isinstance(src, dict) else {"video": src}, where, knobs))
             return it
         if isinstance(it, Image.Image):
             visuals.append(_Visual("image", it, where))
             return IMAGE_MARKER
-        if isinstance(it, dict) and it.get("type") == "text" and isinstance(it.get("text"), str):
-            return self._item(it["text"], where, queue, n_images, visuals)
-        if isinstance(it, dict) and it.get("type") == "image" and "image" in it:
+        kind = it.get("type") if isinstance(it, dict) else None
+        if kind not in _PART_KEYS:
+            raise ValueError(f"{where}: unsupported content item of type {type(it).__name__} (expected a str, a PIL image or "
+                             f"{{'type': 'text' | 'image' | 'video', ...}})")
+        unknown = set(it) - _PART_KEYS[kind]
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} on a {kind} item (allowed: "
+                             f"{sorted(_PART_KEYS[kind])})")
+        if kind == "text":
+            if not isinstance(it.get("text"), str):
+                raise ValueError(f"{where}: a text item needs 'text' (a str)")
+            if _MARKERS.search(it["text"]):
+                raise ValueError(f"{where}: a text item may not hold media markers; use image/video items")
+            return it["text"]
+        if kind == "image":
+            if "image" not in it:
+                raise ValueError(f"{where}: an image item needs 'image' (a path, bytes, PIL image or uint8 array)")
             visuals.append(_Visual("image", it["image"], where))
             return IMAGE_MARKER
-        if isinstance(it, dict) and it.get("type") == "video":
-            unknown = set(it) - _VIDEO_KEYS
-            if unknown or ("video" in it) == ("frames" in it):
-                raise ValueError(f"{where}: a video item needs exactly one of 'video' / 'frames' and only the keys "
-                                 f"{sorted(_VIDEO_KEYS)} (unknown: {sorted(unknown)})")
-            visuals.append(_Visual("video", it.get("video", it.get("frames")), where,
-                                   {k: v for k, v in it.items() if k not in ("type", "video", "frames")}))
-            return VIDEO_MARKER
-        raise ValueError(f"{where}: unsupported content item of type {type(it).__name__} (expected str, PIL image, "
-                         f"{{'type': 'text'|'image'|'video', ...}})")
+        visuals.append(self._video({k: v for k, v in it.items() if k != "type"}, where, knobs))
+        return VIDEO_MARKER
 
-    # ---- planning ---------------------------------------------------------------------------------------------
+    @staticmethod
+    def _video(item: dict, where: str, knobs: dict) -> _Visual:
+        """A video item {'video': src | 'frames': [...], knobs...}; call-level knobs fill the unset ones."""
+        unknown = set(item) - _PART_KEYS["video"]
+        if unknown:
+            raise ValueError(f"{where}: unknown key(s) {sorted(unknown)} on a video (allowed: "
+                             f"{sorted(_PART_KEYS['video'] - {'type'})})")
+        if ("video" in item) == ("frames" in item):
+            raise ValueError(f"{where}: a video needs exactly one of 'video' (a file) or 'frames' (+ 'packages')")
+        if ("frames" in item) != ("packages" in item):
+            raise ValueError(f"{where}: 'frames' (decoded images) and 'packages' (their temporal ids) go together")
+        opts = {k: v for k, v in item.items() if k not in ("video", "frames")}
+        if "video" in item and not hasattr(item["video"], "plan"):  # knobs apply to files, not decoded clips
+            opts = {**{k: v for k, v in knobs.items() if v is not None}, **opts}
+        elif any(k in opts for k in VIDEO_KNOBS):
+            raise ValueError(f"{where}: {sorted(set(opts) & set(VIDEO_KNOBS))} only apply to video files; decoded "
+                             f"frames keep their own packages")
+        return _Visual("video", item.get("video", item.get("frames")), where, opts)
+
+    # ---- planning (headers and probes only) --------------------------------------------------------------------
     def _plan_image(self, v: _Visual, max_slice_nums: int, use_image_id: bool) -> _Planned:
-        """From the header only: pixels are decoded in `_views`, after the prompt length has been checked."""
         size = image_size(v.src, f"{v.where}: {describe(v.src)}")
         layout = image_layout(size, self.config.scale_resolution, max_slice_nums, self.patch)
-        return _Planned(v, layout, [[-1]], use_image_id)
+        return _Planned(v, layout, [[-1]], use_image_id, pixels=size[0] * size[1])
 
-    def _plan_video(self, v: _Visual, call_slices: int | None, call_use_id: bool | None, decode: bool) -> _Planned:
+    def _plan_video(self, v: _Visual, call_slices: int | None, call_use_id: bool | None) -> _Planned:
         from vlmcook.data import video as vid  # PyAV is an optional extra; only videos need it
 
         # item setting > explicit call setting (applied to every image and frame, as released) > README video default
-        slices = int(v.opts.get("max_slice_nums", 1 if call_slices is None else call_slices))
+        slices = _positive_int(v.opts.get("max_slice_nums", 1 if call_slices is None else call_slices),
+                               f"{v.where}: max_slice_nums")
         use_id = bool(v.opts.get("use_image_id", False if call_use_id is None else call_use_id))
-        if slices < 1:
-            raise ValueError(f"{v.where}: max_slice_nums must be >= 1, got {slices}")
-        if isinstance(v.src, list) or "packages" in v.opts:  # frames decoded by the caller + their packages
+        if "packages" in v.opts:
             return self._plan_frames(v, slices, use_id)
         if hasattr(v.src, "frames") and hasattr(v.src, "plan"):  # a VideoClip decoded by the caller
             clip = v.src
-            return self._planned_video(v, clip.frames, clip.plan, (clip.info.width, clip.info.height), slices, use_id)
-        info = vid.probe_video(v.src)
-        layout = image_layout((info.width, info.height), self.config.scale_resolution, slices, self.patch)
+            return self._planned_video(v, self._layout(clip.frames[0].size, slices), clip.plan, use_id, clip.frames)
         knobs = {k: v.opts.get(k) for k in VIDEO_KNOBS}
+        try:
+            vid._check_knobs(**knobs, query_num=self.query_num)
+        except ValueError as e:
+            raise ValueError(f"{v.where}: {e}") from None
+        info = vid.probe_video(v.src)
+        layout = self._layout((info.width, info.height), slices)
         if knobs["max_visual_tokens"] is not None:
             per_package = layout.n_views * self.query_num
             if knobs["max_visual_tokens"] < per_package:
                 raise ValueError(f"{v.where}: max_visual_tokens={knobs['max_visual_tokens']} cannot hold one "
                                  f"package ({layout.n_views} views x {self.query_num} tokens)")
             knobs["max_visual_tokens"] //= layout.n_views  # the video planner counts one view per frame
-        if decode:
-            clip = vid.load_video(v.src, query_num=self.query_num, **knobs)
-            return self._planned_video(v, clip.frames, clip.plan, (clip.info.width, clip.info.height), slices, use_id)
         plan = vid.plan_frames(info, query_num=self.query_num, **knobs)
-        return self._planned_video(v, None, plan, (info.width, info.height), slices, use_id)
+        v.opts["_knobs"] = knobs  # TODO(open once): the video module's handle replaces this
+        return self._planned_video(v, layout, plan, use_id, pixels=info.width * info.height * len(plan.frame_indices))
 
-    def _planned_video(self, v, frames, plan, size, slices, use_id) -> _Planned:
-        if frames is not None and frames:
-            size = frames[0].size  # decoded frames are the truth (e.g. rotation metadata)
-        layout = image_layout(size, self.config.scale_resolution, slices, self.patch)
+    def _planned_video(self, v, layout, plan, use_id, frames=None, pixels: int = 0) -> _Planned:
         times = dict(zip(plan.temporal_ids, plan.timestamps))
         spans = [(times[p[0]], times[p[-1]]) for p in plan.packages]
-        return _Planned(v, layout, [list(p) for p in plan.packages], use_id, frames, spans)
+        return _Planned(v, layout, [list(p) for p in plan.packages], use_id, frames, plan, spans, pixels)
 
     def _plan_frames(self, v: _Visual, slices: int, use_id: bool) -> _Planned:
-        frames, packages = v.src, v.opts.get("packages")
+        frames, packages = v.src, v.opts["packages"]
         if not isinstance(frames, list) or not frames or not isinstance(packages, list):
-            raise ValueError(f"{v.where}: a video given as frames needs 'frames' (a non-empty list of images) and "
-                             f"'packages' (a list of temporal-id lists); 'packages' goes with 'frames' only")
-        if any(not p or any(not isinstance(t, int) or t < 0 for t in p) for p in packages):
+            raise ValueError(f"{v.where}: 'frames' must be a non-empty list of images and 'packages' a list of "
+                             f"temporal-id lists")
+        if any(not isinstance(p, list) or not p or any(not isinstance(t, int) or t < 0 for t in p)
+               for p in packages):
             raise ValueError(f"{v.where}: packages must be non-empty lists of temporal ids >= 0 (0.1 s units)")
         if sum(len(p) for p in packages) != len(frames):
             raise ValueError(f"{v.where}: packages hold {sum(len(p) for p in packages)} frames but "
                              f"{len(frames)} frames were given")
-        frames = [load_image(f, f"{v.where} frame {k}") for k, f in enumerate(frames)]
-        if len({f.size for f in frames}) > 1:
-            raise ValueError(f"{v.where}: frames of one video must share one size, got "
-                             f"{sorted({f.size for f in frames})}")
         longest = self.config.resampler.max_frames_per_package
         if max(len(p) for p in packages) > longest:
             raise ValueError(f"{v.where}: a package holds {max(len(p) for p in packages)} frames; the resampler "
                              f"takes at most {longest} (config.resampler.max_frames_per_package)")
-        layout = image_layout(frames[0].size, self.config.scale_resolution, slices, self.patch)
+        frames = [load_image(f, f"{v.where} frame {k}") for k, f in enumerate(frames)]
+        if len({f.size for f in frames}) > 1:
+            raise ValueError(f"{v.where}: frames of one video must share one size, got "
+                             f"{sorted({f.size for f in frames})}")
+        layout = self._layout(frames[0].size, slices)
         spans = [(p[0] / 10, p[-1] / 10) for p in packages]  # ids are 0.1 s units
-        return _Planned(v, layout, [list(p) for p in packages], use_id, frames, spans)
+        return _Planned(v, layout, [list(p) for p in packages], use_id, frames, None, spans)
+
+    def _layout(self, size: tuple[int, int], slices: int) -> ImageLayout:
+        return image_layout(size, self.config.scale_resolution, slices, self.patch)
 
     # ---- pixels -----------------------------------------------------------------------------------------------
     def _views(self, p: _Planned) -> tuple[list[torch.Tensor], list[list[int]]]:
@@ -269,7 +339,8 @@ class Processor:
                 raise ImageError(f"{p.visual.where}: decoded size {img.size} differs from the header's {p.layout.size}")
             views = [normalize(x) for x in view_images(img, p.layout)]
             return views, [[-1] for _ in views]
-        per_frame = [[normalize(x) for x in view_images(f, p.layout)] for f in p.frames]
+        frames = p.frames if p.frames is not None else self._decode_video(p)
+        per_frame = [[normalize(x) for x in view_images(f, p.layout)] for f in frames]
         views, packages, k = [], [], 0
         for pk in p.packages:
             group = per_frame[k:k + len(pk)]
@@ -279,75 +350,100 @@ class Processor:
                 packages.append(list(pk))
         return views, packages
 
+    def _decode_video(self, p: _Planned) -> _Planned:
+        """Decode a planned video file. The data may end before the header said (a truncated file): the video
+        module then re-plans for the decodable prefix with a warning, and so do we."""
+        from vlmcook.data import video as vid
+
+        clip = vid.load_video(p.visual.src, query_num=self.query_num, **p.visual.opts["_knobs"])
+        if clip.plan == p.plan:
+            p.frames = clip.frames
+            return p
+        return self._planned_video(p.visual, p.layout, clip.plan, p.use_image_id, frames=clip.frames)
+
     # ---- text and ids -----------------------------------------------------------------------------------------
-    def _build(self, messages, images, thinking, max_slice_nums, use_image_id, add_generation_prompt, max_length,
-               decode: bool):
-        slices = self.config.max_slice_nums if max_slice_nums is None else int(max_slice_nums)
-        if slices < 1:
-            raise ValueError(f"max_slice_nums must be >= 1, got {max_slice_nums}")
+    def _build(self, messages, images, videos, thinking, max_slice_nums, use_image_id, add_generation_prompt,
+               max_length, reserve, knobs, decode: bool):
+        unknown = set(knobs) - set(VIDEO_KNOBS)
+        if unknown:
+            raise TypeError(f"unknown argument(s) {sorted(unknown)}; video knobs are {VIDEO_KNOBS}")
+        slices = self.config.max_slice_nums if max_slice_nums is None else _positive_int(max_slice_nums,
+                                                                                          "max_slice_nums")
         use_id = self.config.use_image_id if use_image_id is None else bool(use_image_id)
-        msgs, visuals = self._collect(messages, images)
+        msgs, visuals = self._collect(messages, images, videos, knobs)
         text = chat.render(msgs, add_generation_prompt=add_generation_prompt, thinking=thinking)
         chunks = _MARKERS.split(text)
         if len(chunks) - 1 != len(visuals):
             raise ValueError(f"the rendered prompt keeps {len(chunks) - 1} of {len(visuals)} images/videos: a marker "
                              f"inside an earlier assistant turn's reasoning is dropped by the chat template")
         planned = [self._plan_image(v, slices, use_id) if v.kind == "image"
-                   else self._plan_video(v, max_slice_nums, use_image_id, decode) for v in visuals]
+                   else self._plan_video(v, max_slice_nums, use_image_id) for v in visuals]
+        pixels = sum(p.pixels for p in planned)
+        if pixels > self.max_pixels:
+            raise ValueError(f"the images and video frames of this prompt hold {pixels:,} pixels, more than the "
+                             f"limit of {self.max_pixels:,} (Processor.max_pixels); use fewer frames or smaller media")
+        ids, bounds, masked = self._ids(chunks, planned, max_length, reserve)
+        if decode and any(p.plan is not None and p.frames is None for p in planned):
+            planned = [self._decode_video(p) if p.plan is not None and p.frames is None else p for p in planned]
+            ids, bounds, masked = self._ids(chunks, planned, max_length, reserve)  # a truncated file: fewer frames
+        return planned, ids, bounds, masked
+
+    def _ids(self, chunks: list[str], planned: list[_Planned], max_length: int | None, reserve: int):
+        """Token ids with each visual's placeholder between the text chunks; its `<unk>` spans and [start, end)."""
         ids, bounds, masked, next_id = self.tokenizer.encode(chunks[0]), [], [], 0
         for p, chunk in zip(planned, chunks[1:]):
             start = len(ids)
-            blocks = []
-            for _ in p.packages:
-                blocks.append(image_placeholder(p.layout.grid, self.query_num, next_id if p.use_image_id else None))
+            for k in range(len(p.packages)):
+                if k:
+                    ids += self._newline
+                ids += self._placeholder(p.layout.grid, next_id if p.use_image_id else None, len(ids), bounds)
                 next_id += p.use_image_id
-            ids += self._placeholder_ids("\n".join(blocks), start, bounds, p)
             masked.append((start, len(ids)))
             ids += self.tokenizer.encode(chunk)
-        if max_length is not None and len(ids) > max_length:
-            raise ValueError(f"the prompt is {len(ids)} tokens, more than max_length={max_length} (never truncated: "
-                             f"that could cut an image placeholder); use fewer/smaller images or fewer frames")
-        return planned, ids, bounds, masked
+        if max_length is not None and len(ids) > max_length - reserve:
+            raise ContextLengthError(len(ids), max_length, reserve)
+        return ids, bounds, masked
 
-    def _placeholder_ids(self, text: str, offset: int, bounds: list, p: _Planned) -> list[int]:
-        """Encode a placeholder and record its `<unk>` runs as [start, end) bounds, each exactly query_num long."""
-        ids = self.tokenizer.encode(text)
-        unk, i, n_runs = self.tokenizer.unk_id, 0, 0
-        while i < len(ids):
-            if ids[i] == unk:
-                j = i
-                while j < len(ids) and ids[j] == unk:
-                    j += 1
-                if j - i != self.query_num:
-                    raise AssertionError(f"{p.visual.where}: placeholder run of {j - i} <unk>, not {self.query_num}")
-                bounds.append((offset + i, offset + j))
-                n_runs += 1
-                i = j
-            else:
-                i += 1
-        assert n_runs == len(p.packages) * p.layout.n_views, (n_runs, len(p.packages), p.layout.n_views)
+    def _placeholder(self, grid: tuple[int, int] | None, image_id: int | None, offset: int,
+                     bounds: list) -> list[int]:
+        """The ids of `image.image_placeholder(grid, query_num, image_id)`; each `<unk>` run's [start, end) is
+        appended to `bounds` (positions from `offset`)."""
+        t, Q = self.tokenizer, self.query_num
+        ids = [] if image_id is None else [t.image_id_start_id, *t.encode(str(image_id)), t.image_id_end_id]
+
+        def block(open_id: int, close_id: int) -> None:
+            ids.append(open_id)
+            bounds.append((offset + len(ids), offset + len(ids) + Q))
+            ids.extend([t.unk_id] * Q)
+            ids.append(close_id)
+
+        block(t.image_start_id, t.image_end_id)
+        cols, rows = grid or (0, 0)
+        for r in range(rows):
+            if r:
+                ids.extend(self._newline)
+            for _ in range(cols):
+                block(t.slice_start_id, t.slice_end_id)
         return ids
 
 
+def _positive_int(x: Any, name: str) -> int:
+    if isinstance(x, bool) or not isinstance(x, int) or x < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {x!r}")
+    return x
+
+
 def collate(samples: Sequence[dict], pad_id: int, padding_side: str = "left") -> dict[str, Any]:
-    """Batch processor outputs: pad input_ids with `pad_id`, attention_mask with 0, labels with -100, and shift
-    each sample's image_bound by its left padding. Left padding for generation, right for training."""
-    if padding_side not in ("left", "right"):
-        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-    if not samples:
-        raise ValueError("collate: no samples")
-    has_labels = {"labels" in s for s in samples}
-    if len(has_labels) > 1:
-        raise ValueError("collate: some samples have labels and some do not")
+    """Batch processor outputs: pad input_ids with `pad_id`, attention_mask with 0, labels with IGNORE_INDEX, and
+    shift each sample's image_bound by its left padding. Left padding for generation, right for training."""
+    assert padding_side in ("left", "right") and samples, (padding_side, len(samples))
+    assert len({"labels" in s for s in samples}) == 1, "some samples have labels and some do not"
     T = max(s["input_ids"].shape[1] for s in samples)
     out = {"input_ids": [], "attention_mask": [], "labels": [], "pixel_values": [], "temporal_ids": [],
            "image_bound": []}
-    for b, s in enumerate(samples):
-        if s["input_ids"].shape[0] != 1:
-            raise ValueError(f"collate: sample {b} has batch size {s['input_ids'].shape[0]}, expected 1")
+    for s in samples:
         n = s["input_ids"].shape[1]
-        pad = T - n
-        left = pad if padding_side == "left" else 0
+        left = T - n if padding_side == "left" else 0
         for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("labels", chat.IGNORE_INDEX)):
             if key in s:
                 row = torch.full((T,), value, dtype=torch.long)

@@ -20,6 +20,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from vlmcook.data.image import IMAGE_MARKER
+
 COLOURS = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (240, 220, 40),
            "white": (245, 245, 245), "purple": (170, 60, 210)}
 BACKGROUND = (25, 25, 25)
@@ -27,7 +29,6 @@ KINDS = ("disc", "square", "triangle")
 IMAGE_TASKS = ("caption", "count", "colour", "position", "word")
 WORDS = ("cat", "dog", "sun", "tree", "book", "fish", "milk", "star", "boat", "lamp", "moon", "rain", "door",
          "bird", "cake", "ring")
-IMAGE_MARKER = "(<image>./</image>)"
 
 
 def _rng(kind: str, seed: int, i: int) -> random.Random:

@@ -26,11 +26,11 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from vlmcook.data.processor import VIDEO_MARKER
 from vlmcook.data.synth_images import BACKGROUND, COLOURS, write_jsonl  # one palette for images and videos
 
 TASKS = ("order", "count", "motion", "at_time")
 DIRECTIONS = ("left", "right", "up", "down")
-VIDEO_MARKER = "(<video>./</video>)"
 
 
 @dataclass(frozen=True)

@@ -21,11 +21,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from vlmcook.config import MiniCPMVConfig
+from vlmcook.data.chat import IGNORE_INDEX
 from vlmcook.model.llm import KVCache, Qwen3ForCausalLM
 from vlmcook.model.resampler import Resampler
 from vlmcook.model.vision import VisionTransformer, patchify
-
-IGNORE_INDEX = -100
 
 
 @dataclass

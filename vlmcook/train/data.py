@@ -27,13 +27,9 @@ import torch
 
 from vlmcook.data.chat import IGNORE_INDEX
 from vlmcook.data.image import ImageError
-from vlmcook.data.processor import Processor, collate
+from vlmcook.data.image import IMAGE_MARKER
+from vlmcook.data.processor import VIDEO_MARKER, Processor, collate
 from vlmcook.data.video import VideoError
-
-IMAGE_MARKER = "(<image>./</image>)"
-VIDEO_MARKER = "(<video>./</video>)"
-VIDEO_KEYS = ("fps", "packing", "max_frames", "max_visual_tokens", "max_slice_nums", "use_image_id")
-SKIP_REASONS = ("bad_json", "bad_record", "image", "video", "too_long")
 
 
 class DataError(ValueError):
@@ -77,9 +73,10 @@ def _resolve(entry: Any, root: Path | None) -> Any:
 
 
 def _video_item(entry: Any, root: Path | None, where: str) -> dict:
-    if not isinstance(entry, dict) or "path" not in entry or set(entry) - {"path", *VIDEO_KEYS}:
-        raise DataError(where, "bad_record", f"a video entry must be {{'path', {', '.join(VIDEO_KEYS)}}}, "
-                                             f"got {entry!r:.120}")
+    """{'path', knobs...} -> the processor's video item (which checks the knobs and rejects unknown keys)."""
+    if not isinstance(entry, dict) or "path" not in entry:
+        raise DataError(where, "bad_record", f"a video entry must be an object with 'path' (and optionally fps, "
+                                             f"packing, max_frames, max_visual_tokens, ...), got {entry!r:.120}")
     return {"type": "video", "video": _resolve(entry["path"], root), **{k: v for k, v in entry.items() if k != "path"}}
 
 
@@ -335,16 +332,3 @@ def pack(samples: Sequence[dict], max_tokens: int, pad_id: int = 0) -> dict[str,
     out.update(input_ids=ids, labels=labels, segment_ids=seg, position_ids=pos, attention_mask=(seg > 0).long(),
                rows=rows)
     return out
-
-
-def batch_tokens(batch: dict) -> int:
-    """Real (non-padding) tokens of a batch from collate_batch or pack."""
-    return int(batch["attention_mask"].sum())
-
-
-def model_inputs(batch: dict) -> dict[str, Any]:
-    """The keys of a batch that MiniCPMV.forward takes (drops `rows`, `id`, ...)."""
-    keys = ("input_ids", "attention_mask", "pixel_values", "temporal_ids", "image_bound", "position_ids", "labels",
-            "segment_ids")
-    return {k: batch[k] for k in keys if k in batch}
-

@@ -22,8 +22,8 @@ from PIL import Image
 
 from vlmcook.data.docs.corrupt import LEVELS, CorruptConfig, Corrupted, corrupt_page
 from vlmcook.data.docs.page import Page, Region, rngs, split_lines
+from vlmcook.data.image import IMAGE_MARKER
 
-IMAGE_MARKER = "(<image>./</image>)"
 TASKS = ("page", "regions")
 
 _PAGE_PROMPTS = (
