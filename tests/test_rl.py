@@ -4,7 +4,6 @@ import json
 import os
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
@@ -19,6 +18,8 @@ from vlmcook.model.minicpmv import MiniCPMV
 from vlmcook.rl import cli as rl_cli
 from vlmcook.rl.rollout import ContinuationScorer, Task, draw_modes, make_groups, rollout
 from vlmcook.rl.train import RLConfig, evaluate_policy, train_rl
+from vlmcook.train import flags
+from vlmcook.train.common import Start
 
 
 @pytest.fixture(scope="module")
@@ -163,24 +164,29 @@ def test_cli_config_merge_and_task_errors(tmp_path):
     with pytest.raises(ValueError, match="bad.jsonl:1"):
         rl_cli.load_tasks(bad)
     cfg = tmp_path / "rl.json"
-    cfg.write_text(json.dumps({"steps": 7, "group-size": 4, "lr": 1e-5}))
-    args = Namespace(config=str(cfg), steps=9, group_size=None, lr=None, fn=None)
-    assert rl_cli.merge_config(args) == {"steps": 9, "group_size": 4, "lr": 1e-5}
+    cfg.write_text(json.dumps({"steps": 7, "group-size": 4, "lr": 1e-5, "out": "o"}))
+    args = _parse(["rl", "--config", str(cfg), "--steps", "9", "--data", str(data)])
+    values = flags.values(args, RLConfig, Start, rl_cli.Prompts)
+    assert values == {"steps": 9, "group_size": 4, "lr": 1e-5, "out_dir": "o", "data": str(data)}
     cfg.write_text(json.dumps({"stepz": 1}))
     with pytest.raises(ValueError, match="unknown key 'stepz'"):
-        rl_cli.merge_config(args)
+        flags.values(args, RLConfig, Start, rl_cli.Prompts)
+
+
+def _parse(argv: list[str]):
+    import argparse
+    parser = argparse.ArgumentParser()
+    rl_cli.add_parser(parser.add_subparsers())
+    return parser.parse_args(argv)
 
 
 def test_cli_end_to_end(tmp_path):
-    import argparse
     data = tmp_path / "p.jsonl"
     data.write_text("\n".join(json.dumps({"answer": str(i), "messages": [{"role": "user", "content": f"Say {i}"}]})
                               for i in range(3)))
-    parser = argparse.ArgumentParser()
-    rl_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(["rl", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "o"),
-                              "--steps", "1", "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "3"])
-    assert args.fn(args) == 0
+    from vlmcook import cli  # the mounted command, as a user runs it
+    assert cli.main(["rl", "--preset", "tiny", "--data", str(data), "--out", str(tmp_path / "o"), "--steps", "1",
+                     "--prompts-per-step", "2", "--group-size", "2", "--max-new-tokens", "3"]) == 0
     assert (tmp_path / "o" / "step-1" / "config.json").is_file()
 
 
@@ -232,10 +238,7 @@ def _cli_args(data: Path, out: Path) -> list[str]:
 
 
 def _run_cli(argv: list[str]) -> int:
-    import argparse
-    parser = argparse.ArgumentParser()
-    rl_cli.add_parser(parser.add_subparsers())
-    args = parser.parse_args(argv)
+    args = _parse(argv)
     return args.fn(args)
 
 

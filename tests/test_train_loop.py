@@ -69,15 +69,19 @@ def test_cosine_values_by_hand():
 
 
 def test_stage_defaults_follow_the_report():
-    pt = TrainConfig.for_stage("pt3", steps=100, warmup_frac=0.0)
+    pt = TrainConfig(stage="pt3", steps=100, warmup_frac=0.0)
     assert (pt.schedule, pt.lr, pt.min_lr) == ("wsd", 5e-5, 1e-5)
     assert lr_at(pt, 50) == 5e-5 and lr_at(pt, 99) == pytest.approx(1e-5)
-    sft = TrainConfig.for_stage("sft", steps=100)
+    sft = TrainConfig(stage="sft", steps=100)
     assert lr_at(sft, 99) == pytest.approx(1e-6)
-    v3 = TrainConfig.for_stage("video3d", steps=100, warmup_frac=0.1)
+    v3 = TrainConfig(stage="video3d", steps=100, warmup_frac=0.1)
     assert lr_at(v3, 9) == pytest.approx(5e-6) and lr_at(v3, 0) == pytest.approx(5e-7)
-    with pytest.raises(ValueError, match="stage"):
+    own = TrainConfig(stage="pt1", lr=1e-3)  # a value given wins; the others still come from the stage
+    assert (own.schedule, own.lr, own.min_lr) == ("wsd", 1e-3, 1e-5)
+    with pytest.raises(ValueError, match="stage='pt4' is not one of"):
         TrainConfig(stage="pt4")
+    with pytest.raises(ValueError, match="min_lr=1e-05, lr=1e-06"):
+        TrainConfig(stage="pt1", lr=1e-6)
 
 
 # ---- trainable sets and learning -------------------------------------------------------------------------------
@@ -208,13 +212,13 @@ def test_resume_gives_identical_losses_and_weights(tmp_path, lora):
 def test_crash_mid_save_keeps_latest_complete(tmp_path, monkeypatch):
     cfg = TrainConfig(stage="pt1", steps=4, lr=1e-3, schedule="constant", out_dir=str(tmp_path), save_every=2,
                       log_every=0)
-    real_save = torch.save
+    real_save = S.save_file  # writes the trainer state, after the weights, into the step's temporary folder
 
-    def flaky(obj, path, *a, **k):
+    def flaky(tensors, path, *a, **k):
         if "step-4" in str(path):
             raise OSError("disk full")
-        return real_save(obj, path, *a, **k)
-    monkeypatch.setattr(S.torch, "save", flaky)
+        return real_save(tensors, path, *a, **k)
+    monkeypatch.setattr(S, "save_file", flaky)
     with pytest.raises(OSError, match="disk full"):
         train(cfg, model(), [make_batch(0)])
     assert S.latest_checkpoint(tmp_path).name == "step-2"

@@ -110,6 +110,21 @@ class Tokenizer:
         spec["model"]["merges"] = []
         return Tokenizer(tokenizers.Tokenizer.from_str(json.dumps(spec)), "tiny tokenizer (characters)")
 
+    @staticmethod
+    def for_model(folder: str | Path | None, vocab_size: int) -> "Tokenizer":
+        """The tokenizer of a model: `folder`'s own files (tokenizer.json or vocab.json + merges.txt), else the
+        built-in tiny one when the model's vocab_size is its 512, else a FileNotFoundError saying what to add."""
+        if folder is not None and any((Path(folder) / f).is_file() for f in ("tokenizer.json", "vocab.json")):
+            return Tokenizer.from_dir(folder)
+        tiny = Tokenizer.tiny()
+        if tiny.vocab_size == vocab_size:
+            return tiny
+        where = f"{folder}: no tokenizer files (tokenizer.json or vocab.json + merges.txt)" if folder is not None \
+            else "no tokenizer folder given"
+        raise FileNotFoundError(f"{where} and the model's vocab_size {vocab_size} does not match the built-in tiny "
+                                f"tokenizer's {tiny.vocab_size}; copy the released tokenizer files into the model "
+                                f"folder or pass a tokenizer folder")
+
     # ---- use --------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
         """Text -> ids; special token strings in `text` become their ids; no BOS is added."""

@@ -43,58 +43,70 @@ from vlmcook.rl.rewards import RLPR, RewardConfig, composite_rewards, concise_pr
 from vlmcook.rl.rollout import ContinuationScorer, Task, draw_modes, make_groups, rollout
 from vlmcook.train import common as C
 from vlmcook.train import state as S
+from vlmcook.train.flags import check_choices, opt
+
+
+# The response limit of RL rollouts (the paper: 8192); inference has its own defaults (engine, API, server).
+ROLLOUT_MAX_NEW_TOKENS = 256
 
 
 @dataclass(frozen=True)
 class RLConfig:
-    steps: int = 100
-    prompts_per_step: int = 16  # global, over all ranks (the paper: 128)
-    group_size: int = 8  # G
-    long_share: float = 0.5  # probability that a prompt is rolled out in long (thinking) mode; 1.0 = long-only
-    max_new_tokens: int = 256  # the paper: 8192
-    temperature: float = 1.0
+    """One RL run. Fields declared with `opt` are also `vlmcook rl` flags (train/flags.py)."""
+
+    steps: int = opt(100, "RL steps")
+    prompts_per_step: int = opt(16, "prompts per step over all processes; the paper: 128")
+    group_size: int = opt(8, "samples per prompt, G")
+    long_share: float = opt(0.5, "share of prompts rolled out in long (thinking) mode; 1.0 = long-only")
+    max_new_tokens: int = opt(ROLLOUT_MAX_NEW_TOKENS, "response length limit of a rollout sample, in tokens")
+    temperature: float = opt(1.0, "rollout sampling temperature")
     top_p: float = 1.0
-    lr: float = 1e-6  # constant, as the paper
+    lr: float = opt(1e-6, "learning rate, constant as in the paper")
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     clip: float = 1.0  # max grad norm; 0 = off
-    mini_batches: int = 4  # optimizer steps per rollout batch and epoch
-    epochs: int = 1
-    eps_low: float = 0.2
-    eps_high: float = 0.28
+    mini_batches: int = opt(4, "optimizer steps per rollout batch and epoch")
+    epochs: int = opt(1, "passes over each rollout batch")
+    eps_low: float = opt(0.2, "lower clip of the probability ratio")
+    eps_high: float = opt(0.28, "upper clip of the probability ratio")
     scale_rewards: str = "group"  # group | none
-    kl_coef: float = 0.0
-    entropy_coef: float = 0.0
-    truncation: str = "keep"  # keep | mask
-    std_filter: bool = False  # RLPR's EMA std filter (beta 0.5, decay 0.99)
-    rm_weight: float = 0.5
+    kl_coef: float = opt(0.0, "weight of the k3 KL to the starting policy; 0: off")
+    entropy_coef: float = opt(0.0, "weight of the entropy bonus; 0: off")
+    truncation: str = opt("keep", "completions cut at the length limit: keep them in the loss, or mask them out",
+                          choices=grpo.TRUNCATION_POLICIES)
+    std_filter: bool = opt(False, "drop prompts by RLPR's EMA reward-std filter (beta 0.5, decay 0.99)")
+    rm_weight: float = opt(0.5, "weight of the group z-scored preference score in the reward")
     rep_ngram: int = 10
     rep_limit: int = 10
     rows_per_call: int = 64  # engine batch rows
-    stage: str = "sft"  # which parameters train (train/common.set_trainable)
-    lora: bool = False
+    stage: str = opt("sft", "which parameters train, as in `vlmcook train`; sft: all", choices=tuple(C.STAGES))
+    lora: bool = opt(False, "train LoRA adapters on the LLM instead of its weights")
     lora_r: int = 64
     lora_alpha: float = 64.0
     lora_dropout: float = 0.0  # dropout would make pi_old (no-grad pass) and pi (training pass) disagree
     lora_targets: str = DEFAULT_TARGETS
     lora_save_merged: bool = True
-    dist: str = "none"  # none | ddp
-    out_dir: str | None = None
-    save_every: int = 0  # 0: only at the end
-    resume: bool = False
-    seed: int = 0
-    log_every: int = 1
+    dist: str = opt("none", "data parallelism over processes", choices=("none", "ddp"))
+    out_dir: str | None = opt(None, "output folder: step-N/ checkpoints, `latest` and rl_log.jsonl", flag="out",
+                              required=True, metavar="DIR")
+    save_every: int = opt(0, "also checkpoint every N steps; 0: only at the end")
+    resume: bool = opt(False, "continue from the output folder's `latest` checkpoint if there is one")
+    seed: int = opt(0, "seed of the init, the prompt order and the rollouts")
+    log_every: int = opt(1, "print a log line every N steps; 0: never")
 
     def __post_init__(self):
-        checks = [(self.steps >= 1 and self.prompts_per_step >= 1, "steps and prompts_per_step must be >= 1"),
-                  (self.group_size >= 2, "group_size must be >= 2 (advantages compare samples of a prompt)"),
-                  (0 <= self.long_share <= 1, "long_share must lie in [0, 1]"),
-                  (self.mini_batches >= 1 and self.epochs >= 1, "mini_batches and epochs must be >= 1"),
-                  (0 <= self.eps_low < 1 and self.eps_high >= 0, "need 0 <= eps_low < 1 and eps_high >= 0"),
-                  (self.scale_rewards in ("group", "none"), "scale_rewards must be group or none"),
-                  (self.truncation in grpo.TRUNCATION_POLICIES, f"truncation must be one of "
-                   f"{grpo.TRUNCATION_POLICIES}"),
-                  (self.dist in ("none", "ddp"), "dist must be none or ddp"),
+        check_choices(self)
+        checks = [(self.steps >= 1 and self.prompts_per_step >= 1,
+                   f"steps={self.steps} and prompts_per_step={self.prompts_per_step} must be >= 1"),
+                  (self.group_size >= 2, f"group_size={self.group_size} must be >= 2 (advantages compare samples "
+                   f"of a prompt)"),
+                  (0 <= self.long_share <= 1, f"long_share={self.long_share} must lie in [0, 1]"),
+                  (self.mini_batches >= 1 and self.epochs >= 1,
+                   f"mini_batches={self.mini_batches} and epochs={self.epochs} must be >= 1"),
+                  (0 <= self.eps_low < 1 and self.eps_high >= 0,
+                   f"need 0 <= eps_low < 1 and eps_high >= 0, got {self.eps_low} and {self.eps_high}"),
+                  (self.scale_rewards in ("group", "none"), f"scale_rewards={self.scale_rewards!r} must be group "
+                   f"or none"),
                   (not self.resume or self.out_dir, "resume needs out_dir")]
         for ok, msg in checks:
             if not ok:

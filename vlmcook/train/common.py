@@ -20,6 +20,7 @@ import math
 import os
 import random
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,12 +28,30 @@ import torch.distributed as tdist
 import torch.nn as nn
 
 from vlmcook.model.lora import LoRALinear
+from vlmcook.train.flags import opt
 
-# "lm" is not one of the report's stages: text-only training of the LLM alone (the demo pre-trains its from-scratch
-# LLM with it, standing in for the pre-trained Qwen3 the release starts from).
-STAGES = ("lm", "pt1", "pt2", "pt3", "sft", "video3d")
-_TRAINABLE_PREFIXES = {"lm": ("llm",), "pt1": ("resampler",), "pt2": ("resampler", "vpm"), "pt3": ("resampler", "vpm", "llm"),
-                       "sft": ("resampler", "vpm", "llm"), "video3d": ("resampler", "vpm", "llm")}
+
+@dataclass(frozen=True)
+class Stage:
+    """A stage of the recipe: the top-level modules that train and the default learning-rate schedule."""
+
+    trains: tuple[str, ...]
+    schedule: str  # wsd | cosine | constant
+    lr: float  # peak
+    min_lr: float  # floor reached at the last step
+
+
+# The report's stages (docs/reference.md R2-R3) and their schedules. "lm" is not one of them:
+# text-only training of the LLM alone (the demo pre-trains its from-scratch LLM with it, standing in for the
+# pre-trained Qwen3 the release starts from), at an SFT-like lr.
+STAGES = {
+    "lm": Stage(("llm",), "wsd", 1e-5, 1e-6),
+    "pt1": Stage(("resampler",), "wsd", 5e-5, 1e-5),
+    "pt2": Stage(("resampler", "vpm"), "wsd", 5e-5, 1e-5),
+    "pt3": Stage(("resampler", "vpm", "llm"), "wsd", 5e-5, 1e-5),
+    "sft": Stage(("resampler", "vpm", "llm"), "cosine", 1e-5, 1e-6),
+    "video3d": Stage(("resampler", "vpm", "llm"), "cosine", 5e-6, 1e-6),
+}
 NO_DECAY_NAMES = ("resampler.query",)
 
 
@@ -93,13 +112,48 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)  # also seeds every CUDA device
 
 
+# ---- the model a run starts from ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Start:
+    """The flags of `vlmcook train` / `vlmcook rl` that choose the model and tokenizer (see load_or_init)."""
+
+    init: str | None = opt(None, "start from a checkpoint folder (released layout or a step-N)", metavar="DIR")
+    preset: str | None = opt(None, "start from a random init of a preset config, e.g. tiny (instead of --init)")
+    tokenizer: str | None = opt(None, "tokenizer folder (default: the --init folder's own, else the built-in tiny "
+                                      "one when the model's vocabulary fits it)", metavar="DIR")
+
+
+def load_or_init(init: str | Path | None = None, preset: str | None = None, tokenizer: str | Path | None = None,
+                 seed: int = 0, dtype: str | torch.dtype = "float32"):
+    """(model, tokenizer) for a run: a checkpoint folder (`init`, released layout or a step-N) or a random init of
+    a preset config seeded with `seed`; the tokenizer from the `tokenizer` folder, else Tokenizer.for_model's rule.
+    float32 by default: training keeps fp32 master weights (bf16 compute comes from autocast / FSDP2)."""
+    from vlmcook.checkpoint import load_model, resolve_dtype
+    from vlmcook.config import MiniCPMVConfig
+    from vlmcook.data.tokenizer import Tokenizer
+    from vlmcook.model.minicpmv import MiniCPMV
+
+    if (init is None) == (preset is None):
+        raise ValueError(f"give exactly one of init (a checkpoint folder) or preset (a config name such as 'tiny'); "
+                         f"got init={init!r}, preset={preset!r}")
+    if init is not None:
+        if not (Path(init) / "config.json").is_file():
+            raise FileNotFoundError(f"init {init}: no checkpoint there (expected config.json and *.safetensors)")
+        model = load_model(init, dtype=dtype)
+    else:
+        torch.manual_seed(seed)  # every rank builds the same init (FSDP2 does not broadcast it)
+        model = MiniCPMV(MiniCPMVConfig.from_name(preset)).to(resolve_dtype(dtype))
+    tok = Tokenizer.from_dir(tokenizer) if tokenizer else Tokenizer.for_model(init, model.config.llm.vocab_size)
+    return model, tok
+
+
 # ---- which parameters train --------------------------------------------------------------------------------------
 def set_trainable(model: nn.Module, stage: str) -> tuple[int, int]:
     """Set requires_grad for `stage`; returns (trainable, frozen) parameter counts. If the model carries LoRA
     adapters: every adapter trains, LoRA base weights never do, and the LLM's other weights stay frozen."""
     if stage not in STAGES:
-        raise ValueError(f"unknown stage {stage!r}; choose one of {STAGES}")
-    prefixes = _TRAINABLE_PREFIXES[stage]
+        raise ValueError(f"unknown stage {stage!r}; choose one of {tuple(STAGES)}")
+    prefixes = STAGES[stage].trains
     lora_modules = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     with_lora = bool(lora_modules)
     trainable = frozen = 0

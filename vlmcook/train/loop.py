@@ -20,7 +20,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -30,67 +30,63 @@ from tqdm import tqdm
 from vlmcook.model.lora import DEFAULT_TARGETS, add_lora, has_lora
 from vlmcook.train import common as C
 from vlmcook.train import state as S
+from vlmcook.train.flags import check_choices, opt
 
-# Per-stage defaults from the report (reference-training-recipe.md sections 2-3); warmup/decay lengths are not
-# public: 1% warmup as the released finetune script, 10% decay as MiniCPM found sufficient.
-STAGE_DEFAULTS = {
-    "lm": dict(schedule="wsd", lr=1e-5, min_lr=1e-6),  # not in the report: continued text training, SFT-like lr
-    "pt1": dict(schedule="wsd", lr=5e-5, min_lr=1e-5),
-    "pt2": dict(schedule="wsd", lr=5e-5, min_lr=1e-5),
-    "pt3": dict(schedule="wsd", lr=5e-5, min_lr=1e-5),
-    "sft": dict(schedule="cosine", lr=1e-5, min_lr=1e-6),
-    "video3d": dict(schedule="cosine", lr=5e-6, min_lr=1e-6),
-}
+SCHEDULES = ("wsd", "cosine", "constant")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    stage: str = "sft"
-    steps: int = 100
-    lr: float = 1e-5  # peak
-    min_lr: float = 1e-6  # floor reached at the last step
-    schedule: str = "cosine"  # wsd | cosine | constant
-    warmup_frac: float = 0.01
-    decay_frac: float = 0.1  # WSD only: the last fraction of steps decays
+    """One training run. Fields declared with `opt` are also `vlmcook train` flags (train/flags.py); lr, min_lr and
+    schedule left None take the stage's defaults (common.STAGES)."""
+
+    stage: str = opt("sft", "lm: LLM only (text); pt1: resampler; pt2: +vision tower; pt3/sft/video3d: everything",
+                     required=True, choices=tuple(C.STAGES))
+    steps: int = opt(1000, "optimizer steps")
+    lr: float | None = opt(None, "peak learning rate")
+    min_lr: float | None = opt(None, "learning rate reached at the last step")
+    schedule: str | None = opt(None, "learning-rate schedule", choices=SCHEDULES)
+    # Warmup and decay lengths are not public: 1% warmup as the released finetune script, 10% decay as MiniCPM found
+    # sufficient (2.5% was too little).
+    warmup_frac: float = opt(0.01, "fraction of the steps spent in linear warmup")
+    decay_frac: float = opt(0.1, "WSD: fraction of the steps spent in the final decay")
     decay_shape: str = "exp"  # WSD only: exp (MiniCPM) | linear
-    batch_size: int = 1  # samples per micro-batch per rank (the data side builds them)
-    grad_accum: int = 1
-    clip: float = 1.0  # max global grad norm; 0 = off
-    weight_decay: float = 0.1
+    batch_size: int = opt(1, "samples per micro-batch per process")
+    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    clip: float = opt(1.0, "max gradient norm; 0: no clipping")
+    weight_decay: float = opt(0.1, "AdamW weight decay, except on norms, biases and resampler queries")
     betas: tuple[float, float] = (0.9, 0.95)
     eps: float = 1e-8  # AdamW epsilon
-    grad_checkpointing: bool = False
+    grad_checkpointing: bool = opt(False, "recompute LLM layers in the backward pass (saves memory)")
     bf16: bool = True  # on CUDA only; CPU runs in fp32
-    lora: bool = False
-    lora_r: int = 64
-    lora_alpha: float = 64.0
+    lora: bool = opt(False, "train LoRA adapters on the LLM instead of its weights")
+    lora_r: int = opt(64, "LoRA rank, as the released finetune")
+    lora_alpha: float = opt(64.0, "LoRA alpha")
     lora_dropout: float = 0.05
-    lora_targets: str = DEFAULT_TARGETS
-    lora_save_merged: bool = True
-    dist: str = "none"  # none | ddp | fsdp
-    out_dir: str | None = None
-    save_every: int = 0  # 0: only at the end
-    resume: bool = False
-    seed: int = 0
-    log_every: int = 10
+    lora_targets: str = opt(DEFAULT_TARGETS, "regex over module names to adapt", metavar="REGEX")
+    lora_save_merged: bool = True  # also write step-N/merged/, the adapters folded into the weights
+    dist: str = opt("none", "data parallelism over processes", choices=("none", "ddp", "fsdp"))
+    out_dir: str | None = opt(None, "output folder: step-N/ checkpoints and `latest`", flag="out", required=True,
+                              metavar="DIR")
+    save_every: int = opt(0, "also checkpoint every N steps; 0: only at the end")
+    resume: bool = opt(False, "continue from the output folder's `latest` checkpoint if there is one")
+    seed: int = opt(0, "seed of the init, the data mixture and dropout")
+    log_every: int = opt(10, "print a log line every N steps; 0: never")
 
     def __post_init__(self):
-        checks = [(self.stage in C.STAGES, f"stage must be one of {C.STAGES}"),
-                  (self.schedule in ("wsd", "cosine", "constant"), "schedule must be wsd, cosine or constant"),
-                  (self.dist in ("none", "ddp", "fsdp"), "dist must be none, ddp or fsdp"),
-                  (self.steps >= 1 and self.grad_accum >= 1 and self.batch_size >= 1, "steps, grad_accum and "
-                   "batch_size must be >= 1"),
+        for name in ("lr", "min_lr", "schedule"):
+            if getattr(self, name) is None and self.stage in C.STAGES:
+                object.__setattr__(self, name, getattr(C.STAGES[self.stage], name))  # frozen: set once, here
+        check_choices(self)
+        checks = [(self.steps >= 1 and self.grad_accum >= 1 and self.batch_size >= 1,
+                   f"steps={self.steps}, grad_accum={self.grad_accum} and batch_size={self.batch_size} must be >= 1"),
                   (0 <= self.warmup_frac and 0 <= self.decay_frac and self.warmup_frac + self.decay_frac <= 1,
-                   "warmup_frac + decay_frac must lie in [0, 1]"),
-                  (0 <= self.min_lr <= self.lr, "need 0 <= min_lr <= lr"),
+                   f"warmup_frac={self.warmup_frac} + decay_frac={self.decay_frac} must lie in [0, 1]"),
+                  (0 <= self.min_lr <= self.lr, f"need 0 <= min_lr <= lr, got min_lr={self.min_lr}, lr={self.lr}"),
                   (not self.resume or self.out_dir, "resume needs out_dir")]
         for ok, msg in checks:
             if not ok:
-                raise ValueError(f"TrainConfig: {msg} (got {self})")
-
-    @staticmethod
-    def for_stage(stage: str, **overrides) -> "TrainConfig":
-        return replace(TrainConfig(stage=stage, **STAGE_DEFAULTS.get(stage, {})), **overrides)
+                raise ValueError(f"TrainConfig: {msg}")
 
 
 def lr_at(cfg: TrainConfig, step: int) -> float:
