@@ -79,7 +79,7 @@ def srv(tmp_path_factory):
     (media / "escape.png").symlink_to(outside / "secret.png")
     chat_model = ChatModel.load(root / "model")
     settings = ServeSettings(model_name="tiny", allowed_media_dir=media, max_request_mb=1.0, max_media_mb=0.25,
-                             max_images=3, max_frames=8, max_tokens=6)
+                             max_images=3, max_frames=8)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     app = create_app(chat_model, settings)
