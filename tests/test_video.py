@@ -1,20 +1,23 @@
-"""Video sampling and decoding: parity vectors 9-11 (spec 11), temporal ids against a brute-force nearest-grid
-oracle, and decoding of small mp4/mkv files written here whose pixels encode the frame index."""
+"""Video sampling and decoding: parity vectors 9-11 (docs/reference.md 11), temporal ids against a brute-force
+nearest-grid oracle, and decoding of small files written here (the containers and codecs people send) whose pixels
+encode the frame index."""
 import math
 import warnings
-from fractions import Fraction
 
 import numpy as np
 import pytest
 
-from vlmcook.data.video import (MAX_NUM_PACKAGES, VideoError, VideoInfo, load_video, plan_frames, probe_video)
+from media import write_video
+from vlmcook.data import video
+from vlmcook.data.video import (MAX_NUM_PACKAGES, MAX_VIDEO_FRAMES, VideoError, VideoInfo, decoded_bytes, load_video,
+                                open_video, plan_frames, probe_video)
 
 try:  # PyAV is the optional 'video' extra: the planning tests run without it
     import av
 except ImportError:
     av = None
 
-W, H, N, FPS = 128, 64, 180, 30  # 6 s at 30 fps, the spec's parity video (at a small size)
+W, H, N, FPS = 128, 64, 180, 30  # 6 s at 30 fps, the parity video of docs/reference.md 11 (small)
 
 
 def _index_frame(i: int) -> np.ndarray:
@@ -31,25 +34,10 @@ def _read_index(img) -> int:
     return sum(1 << b for b in range(8) if a[8:-8, b * 16 + 4:b * 16 + 12].mean() > 127)
 
 
-def _write(path, codec="libx264", fmt=None, n=N, gop=None, faststart=False, pts=None):
-    """Frame i shows index i; `pts` (in 1/FPS units) lets a test shift the start or leave gaps."""
-    c = av.open(str(path), "w", format=fmt, options={"movflags": "faststart"} if faststart else {})
-    s = c.add_stream(codec, rate=FPS)
-    s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-    s.codec_context.time_base = Fraction(1, FPS)
-    if gop:
-        s.codec_context.gop_size = gop
-    if codec == "libx264":
-        s.options = {"crf": "18"}
-    for i in range(n) if pts is None else pts:
-        frame = av.VideoFrame.from_ndarray(_index_frame(i), format="rgb24")
-        frame.pts, frame.time_base = i, Fraction(1, FPS)
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return path
+def _write(path, n=N, pts=None, fps=FPS, **kw):
+    """Frame i shows index i; `pts` (in 1/fps units) shifts the start or leaves gaps (the frame at pts t shows t)."""
+    times = range(n) if pts is None else pts
+    return write_video(path, (_index_frame(i) for i in times), fps, pts=pts, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +48,11 @@ def vids(tmp_path_factory):
     out = {
         "mp4": _write(d / "clip.mp4", gop=12, faststart=True),  # short GOP + B-frames: seeking matters
         "mpeg4": _write(d / "plain.mp4", codec="mpeg4"),  # moov atom at the end
-        "mkv": _write(d / "clip.mkv", fmt="matroska"),  # no frame count in the header
+        "mkv": _write(d / "clip.mkv"),  # no frame count in the header
         "offset": _write(d / "offset.mp4", gop=12, pts=range(30, 30 + N)),  # first frame at 1 s
         "gaps": _write(d / "gaps.mp4", gop=12, pts=[i for i in range(N) if not 90 <= i < 100]),  # dropped frames
+        "empty": write_video(d / "empty.avi", [], FPS, codec="mpeg4", size=(W, H)),  # a video stream, 0 frames
     }
-    c = av.open(str(d / "empty.avi"), "w", format="avi")  # a video stream with zero frames
-    s = c.add_stream("mpeg4", rate=FPS)
-    s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-    c.start_encoding()
-    c.close()
-    out["empty"] = d / "empty.avi"
     c = av.open(str(d / "audio.wav"), "w")  # audio only
     s = c.add_stream("pcm_s16le", rate=8000)
     fr = av.AudioFrame.from_ndarray(np.zeros((1, 8000), np.int16), format="s16", layout="mono")
@@ -85,7 +68,7 @@ SIX_S = VideoInfo(duration=6.0, fps=30.0, n_frames=180, width=1280, height=720, 
 
 
 def _reference_ids(indices, fps, n_frames):
-    """The released demo's ids (spec 7.2), independently: snap to the nearest arange(0, T, 0.1) point, int32."""
+    """The released demo's ids (docs/reference.md 7.2), independently: snap to the nearest arange(0, T, 0.1) point, int32."""
     grid = np.arange(0, n_frames / fps, 0.1)
     t = np.asarray(indices) / fps
     return (grid[np.abs(t[:, None] - grid[None]).argmin(1)] / 0.1).astype(np.int32).tolist()
@@ -97,7 +80,7 @@ def test_parity_vector_9_fps5():
     plan = plan_frames(SIX_S, fps=5)
     assert plan.frame_indices == list(range(3, 180, 6))
     assert plan.timestamps == pytest.approx([0.1 + 0.2 * j for j in range(30)])
-    # Ours: the nearest 0.1 s step, so 4.3 s -> 43 (the spec's released vector has 42 there, see next test).
+    # Ours: the nearest 0.1 s step, so 4.3 s -> 43 (the released vector has 42 there, see next test).
     assert plan.temporal_ids == list(range(1, 60, 2))
     assert plan.packages == [[i] for i in range(1, 60, 2)] and plan.packing == 1
     assert len(plan.packages) * 64 == 1920
@@ -106,7 +89,7 @@ def test_parity_vector_9_fps5():
 def test_temporal_id_rounding_differs_from_released_truncation():
     plan = plan_frames(SIX_S, fps=5)
     ref = _reference_ids(plan.frame_indices, 30.0, 180)
-    spec_vector_9 = list(range(1, 42, 2)) + [42] + list(range(45, 60, 2))  # spec 11.9 as printed
+    spec_vector_9 = list(range(1, 42, 2)) + [42] + list(range(45, 60, 2))  # docs/reference.md 11.9 as printed
     assert ref == spec_vector_9  # the oracle reproduces the released quirk
     differ = [(t, r, o) for t, r, o in zip(plan.timestamps, ref, plan.temporal_ids) if r != o]
     assert [(round(t, 6), r, o) for t, r, o in differ] == [(4.3, 42, 43)]
@@ -157,6 +140,7 @@ def test_plan_invariants(fps, seconds, knobs):
     assert len(plan.packages) <= MAX_NUM_PACKAGES
     assert len(plan.packages) * 64 <= knobs.get("max_visual_tokens", math.inf)
     assert len(idx) <= knobs.get("max_frames", math.inf)
+    assert len(idx) <= MAX_VIDEO_FRAMES
     assert plan.packing == knobs.get("packing", plan.packing) and 1 <= plan.packing <= 6
 
 
@@ -254,8 +238,6 @@ class _CountingContainer:
 
 @pytest.mark.parametrize("fps", [1, 5])
 def test_auto_decodes_no_more_than_seek_or_sequential(vids, fps, monkeypatch):
-    from vlmcook.data import video
-
     real_open, stats = video._open_container, {}
     monkeypatch.setattr(video, "_open_container", lambda *a: _CountingContainer(real_open(*a), stats))
     cost = {}
@@ -349,3 +331,152 @@ def test_bad_inputs(vids, tmp_path):
     assert issubclass(VideoError, ValueError)
     with pytest.raises(TypeError, match="path or bytes"):
         probe_video(123)
+
+
+def test_frame_count_bound_is_explicit():
+    # the largest plan there is: 10 fps over a 10-minute video with the largest explicit packing
+    plan = plan_frames(_info(600, 60.0), fps=10, packing=6)
+    assert len(plan.frame_indices) == MAX_VIDEO_FRAMES == MAX_NUM_PACKAGES * 6 == 1080
+
+
+# ------------------------------------------------------------------------------------ containers, codecs, odd streams
+
+# What phones, screen recorders, browsers and broadcast captures write: (file, codec, fps, writer options).
+KINDS = {
+    "mp4/h264": ("clip.mp4", "libx264", FPS, {"gop": 12}),
+    "mov/h264": ("clip.mov", "libx264", FPS, {"gop": 12}),
+    "mkv/vp9": ("clip.mkv", "libvpx-vp9", FPS, {}),
+    "webm/vp8": ("clip.webm", "libvpx", FPS, {}),
+    "webm/vp9": ("clip9.webm", "libvpx-vp9", FPS, {}),
+    "avi/mjpeg": ("clip.avi", "mjpeg", FPS, {}),
+    # broadcast-like: GOP of 12 with B-frames, first frame at 1.5 s; MPEG-TS seeks land a keyframe late
+    "ts/mpeg2": ("clip.ts", "mpeg2video", FPS, {"gop": 12, "options": {"bf": "2"}, "pts": range(45, 105)}),
+    "ts/h264": ("clip_h264.ts", "libx264", FPS, {"gop": 12, "pts": range(45, 105)}),
+    "gif": ("clip.gif", "gif", 10, {}),  # GIF delays are in 1/100 s: 10 fps
+}
+
+
+@pytest.fixture(scope="module")
+def kinds(tmp_path_factory):
+    if av is None:
+        pytest.skip("PyAV not installed (pip install 'vlmcook[video]')")
+    d = tmp_path_factory.mktemp("kinds")
+    out = {}
+    for kind, (name, codec, fps, kw) in KINDS.items():
+        pts = kw.get("pts", range(60 if fps == FPS else 30))
+        out[kind] = (_write(d / name, codec=codec, fps=fps, **{"n": len(pts), **kw}), fps, len(pts), pts[0])
+    return out
+
+
+@pytest.mark.parametrize("method", ["auto", "seek", "sequential"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_containers_and_codecs_decode_the_planned_frames(kinds, kind, method):
+    path, fps, n, first = kinds[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a complete file: no "truncated" fallback
+        clip = load_video(path, fps=5, method=method)
+    assert (clip.info.n_frames, clip.info.fps, clip.info.start_time) == (n, fps, pytest.approx(first / fps))
+    assert clip.plan == plan_frames(clip.info, fps=5) and len(clip.frames) == len(clip.plan.frame_indices)
+    assert [_read_index(f) - first for f in clip.frames] == clip.plan.frame_indices
+    assert all(f.mode == "RGB" and f.size == (W, H) for f in clip.frames)
+
+
+@pytest.mark.parametrize("kind", ["ts/mpeg2", "mkv/vp9"])
+def test_cut_stream_decodes_its_prefix(kinds, kind, tmp_path):
+    path, fps, n, first = kinds[kind]
+    data = path.read_bytes()  # these headers hold no frame count: the counting pass sees the cut
+    cut = tmp_path / path.name
+    cut.write_bytes(data[: len(data) * 6 // 10])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        clip = load_video(cut, fps=5)
+    assert 0 < clip.info.n_frames < n
+    assert [_read_index(f) - first for f in clip.frames] == clip.plan.frame_indices
+
+
+@pytest.mark.parametrize("name, codec, fps", [("vfr.mp4", "libx264", FPS), ("vfr.mkv", "libx264", FPS),
+                                             ("vfr.webm", "libvpx-vp9", FPS), ("vfr.ts", "libx264", FPS),
+                                             ("vfr.gif", "gif", 10)])
+def test_variable_frame_rate_gives_the_frame_on_screen(tmp_path, name, codec, fps):
+    # 6 s: 1 s at the full rate, 3 s at a third of it, 2 s at half of it (a screen recording slows when idle).
+    # mkv/webm/ts/gif headers guess the average rate from the first frames (here: the full rate).
+    pts = list(range(0, fps)) + list(range(fps, 4 * fps, 3)) + list(range(4 * fps, 6 * fps, 2))
+    clip = load_video(_write(tmp_path / name, pts=pts, fps=fps, codec=codec), fps=5)
+    length = (pts[-1] + 1) / fps  # the writer shows the last frame for 1 / fps
+    assert clip.info.n_frames == len(pts) and clip.info.fps == pytest.approx(len(pts) / length, rel=0.05)
+    # oracle: the last frame that starts by t (+ a quarter frame for pts rounding), t = index / average fps
+    on_screen = [max(p for p in pts if p / fps <= t + 0.25 / clip.info.fps) for t in clip.plan.timestamps]
+    assert [_read_index(f) for f in clip.frames] == on_screen
+    assert on_screen[-1] / fps > 5  # the samples span the whole video (the first-frames rate would stop at 3 s)
+
+
+@pytest.mark.parametrize("name, rotate", [("phone.mp4", -90), ("phone.mov", 90), ("upside.mp4", 180)])
+def test_rotated_video_comes_back_upright(tmp_path, name, rotate):
+    frame = _index_frame(165)
+    frame[:8] = 255  # a white top band: no rotation of this frame looks like another
+    path = write_video(tmp_path / name, [frame] * 6, FPS, rotate=rotate)
+    info = probe_video(path)
+    clip = load_video(path, fps=5)
+    # Oracle: ffmpeg's players rotate the stored frame counter-clockwise by the display matrix's angle (which is
+    # what set_display_rotation takes); np.rot90 turns counter-clockwise for k > 0.
+    upright = np.rot90(frame, k=rotate // 90)
+    got = np.asarray(clip.frames[0], dtype=np.float32)
+    assert got.shape == upright.shape and (info.width, info.height) == clip.frames[0].size
+    assert info.rotation == rotate % 360
+    assert np.abs(got - upright).mean() < 8  # x264 at crf 18
+    assert np.abs(got - np.rot90(frame, k=rotate // 90 + 2)).mean() > 25  # the opposite turn is far off
+
+
+def _counting_av_open(monkeypatch) -> list:
+    calls, real = [], av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    return calls
+
+
+@pytest.mark.parametrize("kind", ["mp4/h264", "mkv/vp9", "ts/mpeg2", "gif", "bytes"])
+@pytest.mark.parametrize("method", ["auto", "seek", "sequential"])
+def test_a_video_is_opened_once(kinds, kind, method, monkeypatch):
+    src = kinds["mp4/h264"][0].read_bytes() if kind == "bytes" else kinds[kind][0]
+    calls = _counting_av_open(monkeypatch)
+    assert probe_video(src).n_frames > 0 and len(calls) == 1
+    load_video(src, fps=5, method=method)
+    assert len(calls) == 2
+    with open_video(src) as v:  # the processor's path: headers, a plan, its memory, then the pixels
+        plan = v.plan(fps=2, packing=2)
+        assert decoded_bytes(v.info, plan) == len(plan.frame_indices) * W * H * 4
+        first = v.decode(plan, method)
+        again = v.decode(v.plan(fps=5), method)  # and again from the same container
+    assert len(calls) == 3
+    shift = 0 if kind == "bytes" else kinds[kind][3]
+    assert [_read_index(f) - shift for f in first.frames] == plan.frame_indices
+    assert [_read_index(f) - shift for f in again.frames] == again.plan.frame_indices
+
+
+def test_frame_pixel_limit_is_checked_before_any_decoding(vids, monkeypatch):
+    stats = {"decoded": 0, "seeks": 0}
+    real_open = video._open_container
+    monkeypatch.setattr(video, "_open_container", lambda *a: _CountingContainer(real_open(*a), stats))
+    monkeypatch.setattr(video, "MAX_FRAME_PIXELS", W * H)  # at the limit: accepted
+    assert probe_video(vids["mp4"]).width == W and stats["decoded"] > 0
+    stats["decoded"] = 0
+    monkeypatch.setattr(video, "MAX_FRAME_PIXELS", W * H - 1)
+    for fn in (probe_video, load_video, open_video):
+        with pytest.raises(VideoError, match=f"clip.mp4: frames of {W}x{H} = 8,192 pixels .*MAX_FRAME_PIXELS"):
+            fn(vids["mp4"])
+    assert stats["decoded"] == 0
+
+
+def test_truncated_file_is_replanned_with_the_same_knobs(vids, tmp_path):
+    data = vids["mp4"].read_bytes()
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: len(data) // 2])
+    with open_video(cut) as v, pytest.warns(UserWarning, match="truncated"):
+        clip = v.decode(v.plan(fps=3, packing=2, max_visual_tokens=64 * 4))
+    assert clip.plan == plan_frames(clip.info, fps=3, packing=2, max_visual_tokens=64 * 4)
+    assert clip.info.n_frames < N and len(clip.plan.packages) <= 4
+    assert [_read_index(f) for f in clip.frames] == clip.plan.frame_indices
+
+
+def test_a_plan_from_another_video_is_refused(vids):
+    with open_video(vids["mp4"]) as v, pytest.raises(ValueError, match="plan samples frame"):
+        v.decode(plan_frames(_info(60, 30.0)))

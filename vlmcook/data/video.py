@@ -319,8 +319,8 @@ class VideoFile:
             kinds = ", ".join(s.type for s in self._container.streams) or "none"
             raise VideoError(f"{name}: no video stream (streams found: {kinds})")
         stream = self._stream = self._container.streams.video[0]
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        if not rate or rate <= 0:
+        rate = float(stream.average_rate or stream.guessed_rate or stream.base_rate or 0)
+        if not rate > 0:
             raise VideoError(f"{name}: video stream has no frame rate in its header")
         width, height = stream.codec_context.width, stream.codec_context.height
         if width <= 0 or height <= 0:
@@ -330,19 +330,25 @@ class VideoFile:
                              f"limit of {MAX_FRAME_PIXELS:,} (vlmcook.data.video.MAX_FRAME_PIXELS, 8K UHD)")
         rotation = self._rotation()
         n, counted = stream.frames, False
+        length = float(stream.duration * stream.time_base) if stream.duration else 0.0  # seconds, if in the header
         if n <= 0:  # header without a frame count (mkv/webm/ts): counting pass
             self._rewind()
             try:
-                n, self._keys = self._scan_packets()
+                n, self._keys, span = self._scan_packets()
             except av.FFmpegError as e:
                 raise VideoError(f"{name}: cannot read video packets: {e}") from e
-            counted = True
+            counted, length = True, span * n / (n - 1) if n > 1 else 0.0
+        # Variable frame rate: some headers (mkv, webm, ts, gif) estimate the average rate from the first frames
+        # only, so screen and browser recordings would be sampled over part of their length. Trust the stream's
+        # own length when the two disagree by more than timestamp rounding (5%); mp4/mov rates already agree.
+        if n > 1 and length > 0 and abs(n / length / rate - 1) > 0.05:
+            rate = n / length
         if n <= 0:
             raise VideoError(f"{name}: video stream has no frames")
         if rotation in (90, 270):
             width, height = height, width
         start = float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
-        return VideoInfo(duration=n / float(rate), fps=float(rate), n_frames=n, width=width, height=height,
+        return VideoInfo(duration=n / rate, fps=rate, n_frames=n, width=width, height=height,
                          source=name, start_time=start, counted=counted, rotation=rotation)
 
     def _rotation(self) -> int:
@@ -360,16 +366,19 @@ class VideoFile:
                              f"(unsupported)")
         return 90 * quarter % 360
 
-    def _scan_packets(self) -> tuple[int, list[float]]:
+    def _scan_packets(self) -> tuple[int, list[float], float]:
         """Demux-only pass (reads packets, decodes nothing): frame count (one packet per frame for the codecs we
-        meet; the final flush packet has size 0) and the sorted keyframe times in seconds."""
-        stream, n, keys = self._stream, 0, []
+        meet; the final flush packet has size 0), the sorted keyframe times and last minus first frame time (s)."""
+        stream, n, keys, times = self._stream, 0, [], []
         for packet in self._container.demux(stream):
             if packet.size > 0:
                 n += 1
-                if packet.is_keyframe and packet.pts is not None:
-                    keys.append(float(packet.pts * stream.time_base))
-        return n, sorted(keys)
+                if packet.pts is not None:
+                    times.append(packet.pts)
+                    if packet.is_keyframe:
+                        keys.append(float(packet.pts * stream.time_base))
+        span = float((max(times) - min(times)) * stream.time_base) if times else 0.0
+        return n, sorted(keys), span
 
     # ---- decoding ------------------------------------------------------------------------------------------------
     def _rewind(self) -> None:
@@ -417,7 +426,8 @@ class VideoFile:
             if jump or cur is None:
                 cur = self._cursor(ts if jump else None)
             frame = cur.frame_at(ts)
-            if frame is None and cur.seeked and cur.landed_after:  # imprecise seeking: go sequential from frame 0
+            if frame is None and cur.seeked and not cur.started:
+                # the seek landed after ts or at the end (imprecise seeking): go on sequentially from frame 0
                 self._can_seek = False
                 cur = self._cursor(None)
                 frame = cur.frame_at(ts)
@@ -454,7 +464,6 @@ class _Cursor:
         self._eps, self._frame_s = 0.25 / fps, 1.0 / fps
         self.pos = None  # time of the last decoded frame
         self._prev = self._ahead = None  # the last frame starting by the previous target; the first one after it
-        self.landed_after = False  # the first frame decoded already started after the first target
 
     def frame_at(self, ts: float):
         """Decode until a frame starts after ts and return the one before it (keeping the later one for the next
@@ -465,7 +474,6 @@ class _Cursor:
                 self._ahead, self.pos = None, (frame.time if frame.time is not None else self.pos)
                 if self.pos is not None and self.pos > ts + self._eps:
                     found, self._ahead = self._prev, frame
-                    self.landed_after = self._prev is None
                     break
                 self._prev = frame
         except _import_av().FFmpegError:
@@ -474,3 +482,9 @@ class _Cursor:
         if found is None and self._ahead is None and prev is not None and prev.time is not None:
             found = prev if ts < prev.time + self._frame_s - self._eps else None  # end: last frame still shown
         return found
+
+    @property
+    def started(self) -> bool:
+        """Whether a frame starting by a target has come out (False: the walk began after the target, or at the
+        end of the data)."""
+        return self._prev is not None
