@@ -33,7 +33,7 @@ class Data:
     strict: bool = opt(False, "stop at the first bad record instead of skipping it")
 
 
-def per_stage(name: str) -> str:
+def _per_stage(name: str) -> str:
     """The shown default of a field that STAGES sets, e.g. 'per stage: pt1/pt2/pt3 5e-05, sft 1e-05'."""
     by_value: dict = {}
     for stage, s in C.STAGES.items():
@@ -44,7 +44,7 @@ def per_stage(name: str) -> str:
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("train", help="run one training stage (lm/pt1/pt2/pt3/sft/video3d), optionally with LoRA",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    shown = {k: per_stage(k) for k in ("lr", "min_lr", "schedule")}
+    shown = {k: _per_stage(k) for k in ("lr", "min_lr", "schedule")}
     flags.add_flags(p, TrainConfig, C.Start, Data, default_text={**shown, "dist": "default: ddp under torchrun, "
                                                                                  "else none"})
     p.set_defaults(fn=run)
