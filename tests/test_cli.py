@@ -13,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from media import write_video
 from vlmcook import cli
 from vlmcook.checkpoint import save_model
 from vlmcook.config import PRESETS
@@ -80,15 +81,8 @@ def test_stats_with_image(ckpt, api, capsys):
 
 def write_mp4(path, n=10, fps=10) -> None:
     """1 s at 10 fps, 64x48."""
-    av = pytest.importorskip("av")
-    with av.open(str(path), "w", format="mp4") as out:
-        s = out.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for i in range(n):
-            for p in s.encode(av.VideoFrame.from_image(Image.new("RGB", (64, 48), (25 * i, 80, 160)))):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
+    pytest.importorskip("av")
+    write_video(path, [Image.new("RGB", (64, 48), (25 * i, 80, 160)) for i in range(n)], fps, codec="mpeg4")
 
 
 def test_stats_video_packages_and_spans(ckpt, capsys, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from media import write_video
 from vlmcook.config import MiniCPMVConfig
 from vlmcook.data import chat
 from vlmcook.data.image import IMAGE_MARKER, ImageError, preprocess_image, slice_grid
@@ -281,17 +282,9 @@ def test_vector_13_released_bounds_and_sliced_frames(big):
 @pytest.fixture(scope="module")
 def video_6s(tmp_path_factory):
     """6 s at 30 fps (180 frames), 320x180, frame k filled with grey level k (docs/reference.md 11.9-11.11 timing)."""
-    av = pytest.importorskip("av")
-    path = tmp_path_factory.mktemp("video") / "six.mp4"
-    with av.open(str(path), "w") as c:
-        s = c.add_stream("mpeg4", rate=30)
-        s.width, s.height, s.pix_fmt = 320, 180, "yuv420p"
-        for k in range(180):
-            for p in s.encode(av.VideoFrame.from_ndarray(np.full((180, 320, 3), k, np.uint8), format="rgb24")):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
-    return path
+    pytest.importorskip("av")
+    frames = (np.full((180, 320, 3), k, np.uint8) for k in range(180))
+    return write_video(tmp_path_factory.mktemp("video") / "six.mp4", frames, 30, codec="mpeg4")
 
 
 @pytest.mark.parametrize("knobs, n_packages, n_views, n_unk, first_ids", [

@@ -24,6 +24,7 @@ fastapi = pytest.importorskip("fastapi")
 uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 
+from media import write_video  # noqa: E402
 from vlmcook.checkpoint import save_model  # noqa: E402
 from vlmcook.config import PRESETS  # noqa: E402
 from vlmcook.data.chat import EMPTY_THINK  # noqa: E402
@@ -45,18 +46,9 @@ def png_bytes(size=(100, 80), color=(200, 30, 30)) -> bytes:
 
 def mp4_bytes(n=10, fps=10) -> bytes:
     """1 s at 10 fps, 64x48: at the default 5 fps the sampler takes 5 frames."""
-    av = pytest.importorskip("av")
-    buf = io.BytesIO()
-    with av.open(buf, "w", format="mp4") as out:
-        s = out.add_stream("mpeg4", rate=fps)
-        s.width, s.height, s.pix_fmt = 64, 48, "yuv420p"
-        for i in range(n):
-            img = Image.new("RGB", (64, 48), (25 * i, 80, 160))
-            for p in s.encode(av.VideoFrame.from_image(img)):
-                out.mux(p)
-        for p in s.encode():
-            out.mux(p)
-    return buf.getvalue()
+    pytest.importorskip("av")
+    frames = [Image.new("RGB", (64, 48), (25 * i, 80, 160)) for i in range(n)]
+    return write_video(None, frames, fps, codec="mpeg4", container="mp4")
 
 
 def data_url(data: bytes, mime: str) -> str:
