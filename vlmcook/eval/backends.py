@@ -154,12 +154,12 @@ def _media_url(src, kind: str, send_paths: bool) -> str:
 
 class EndpointBackend:
     def __init__(self, url: str, gen: Gen, model_name: str | None = None, send_paths: bool = False,
-                 timeout_s: float = 3600.0):
+                 timeout_s: float = 3600.0, client=None):
         import httpx
 
         self.httpx, self.gen, self.send_paths = httpx, gen, send_paths
         self.base = api_base(url)
-        self.client = httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
+        self.client = client or httpx.Client(timeout=httpx.Timeout(timeout_s, connect=10.0))
         self.model_name = model_name or self._first_model()
         self.send_knobs, self.knobs_note = self._probe()
         self.describe = {"kind": "endpoint", "endpoint": self.base, "served_model": self.model_name}
