@@ -480,3 +480,23 @@ def test_truncated_file_is_replanned_with_the_same_knobs(vids, tmp_path):
 def test_a_plan_from_another_video_is_refused(vids):
     with open_video(vids["mp4"]) as v, pytest.raises(ValueError, match="plan samples frame"):
         v.decode(plan_frames(_info(60, 30.0)))
+
+
+def test_a_frame_larger_than_its_header_is_refused():
+    # two MPEG-TS files back to back are one valid stream whose size changes: decoded_bytes from the header would
+    # no longer bound the memory
+    first = write_video(None, [_index_frame(i)[:32, :64] for i in range(30)], FPS, "mpeg2video", "mpegts")
+    bigger = write_video(None, [_index_frame(i) for i in range(30, 60)], FPS, "mpeg2video", "mpegts", pts=range(30, 60))
+    assert (probe_video(first + bigger).width, probe_video(first + bigger).height) == (64, 32)
+    with pytest.raises(VideoError, match="a frame of 128x64 is larger than the header's 64x32"):
+        load_video(first + bigger, fps=5)
+
+
+def test_decoded_bytes_budget_documented_cases():
+    def frames_of(w, h, n):
+        info = VideoInfo(duration=n / 30, fps=30.0, n_frames=n, width=w, height=h, source="header")
+        return decoded_bytes(info, plan_frames(info, fps=10, packing=6))  # 10 fps of 30: every third frame
+
+    assert frames_of(4096, 4096, 64 * 3) > video.MAX_DECODED_BYTES  # the 48 KB request that took 4 GB
+    assert frames_of(3840, 2160, 64 * 3) <= video.MAX_DECODED_BYTES  # 64 frames of 4K UHD
+    assert frames_of(1280, 720, 540 * 3) <= video.MAX_DECODED_BYTES  # the released automatic cap at 720p

@@ -451,6 +451,9 @@ class VideoFile:
         return min(self.info.n_frames, round((last - self.info.start_time) * self.info.fps) + 1)
 
     def _upright(self, frame) -> Image.Image:
+        if frame.width * frame.height > self.info.width * self.info.height:  # keeps decoded_bytes a bound
+            raise VideoError(f"{self.name}: a frame of {frame.width}x{frame.height} is larger than the header's "
+                             f"{self.info.width}x{self.info.height} (size changes inside a stream are refused)")
         # frame.to_image() is ~8x slower than this on 720p in PyAV 18 (measured); same pixels.
         img = Image.fromarray(frame.to_ndarray(format="rgb24"))
         return img.transpose(_UPRIGHT[self.info.rotation]) if self.info.rotation else img
