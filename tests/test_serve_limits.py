@@ -224,6 +224,19 @@ def test_errors_name_the_path_the_client_sent(tiny, part_type, url):
     assert str(tiny.root) not in r.text and url in err["message"], err
 
 
+def test_odd_paths_are_400s(tiny):
+    for url in ("a\x00b.png", "file://otherhost/x.png", "ftp://x/y.png", "data:image/png,rawbytes"):
+        err = error_of(tiny.client.post(URL, json={"messages": media("image_url", url)}), 400)
+        assert err["param"] == "messages[0].content[0].image_url.url", err
+
+
+def test_settings_refuse_limits_that_cannot_work():
+    for bad in (dict(max_queue=-1), dict(max_frames=0), dict(max_media_mb=0), dict(max_images=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad)).replace("_", "-")):
+            ServeSettings(**bad)
+    ServeSettings(max_queue=0, max_images=0, max_videos=0)  # one request at a time, text only: allowed
+
+
 @pytest.mark.parametrize("field, value", [("temperature", 1e-30), ("temperature", 1e-45), ("temperature", 5e-324),
                                           ("temperature", MIN_TEMPERATURE / 2), ("repetition_penalty", 1e300),
                                           ("repetition_penalty", 1e-300), ("repetition_penalty", 0),

@@ -56,6 +56,13 @@ class ServeSettings:
     max_frames: int = 64  # frames sampled per video (the default and the ceiling of video_max_frames)
     max_queue: int = 16  # requests waiting behind the one generating; more get 429
 
+    def __post_init__(self):
+        for name in ("max_request_mb", "max_media_mb", "max_frames", "max_images", "max_videos", "max_queue"):
+            zero_ok = name in ("max_images", "max_videos", "max_queue")
+            if not getattr(self, name) >= 0 or (getattr(self, name) == 0 and not zero_ok):
+                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be "
+                                 f"{'>= 0' if zero_ok else '> 0'}")
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
