@@ -202,13 +202,13 @@ def _serve(args) -> int:
         raise FileNotFoundError(f"the server needs the 'serve' extra ({e}): pip install 'vlmcook[serve]'") from None
     if args.allowed_media_dir and not Path(args.allowed_media_dir).is_dir():
         raise FileNotFoundError(f"--allowed-media-dir {args.allowed_media_dir}: no such folder")
-    chat_model = _load_chat_model(args)
     name = args.served_model_name or Path(args.model or DEFAULT_MODEL).resolve().name
     settings = serve.ServeSettings(model_name=name, allowed_media_dir=Path(args.allowed_media_dir).resolve()
                                    if args.allowed_media_dir else None, max_request_mb=args.max_request_mb,
                                    max_media_mb=args.max_media_mb, max_images=args.max_images,
                                    max_videos=args.max_videos, max_frames=args.max_frames,
-                                   max_tokens=args.max_tokens)
+                                   max_queue=args.max_queue)  # checks the limits before the slow load
+    chat_model = _load_chat_model(args)
     print(f"vlmcook serve: {name} on http://{args.host}:{args.port}/v1 (local media: "
           f"{settings.allowed_media_dir or 'disabled'})", file=sys.stderr)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
@@ -284,7 +284,8 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
     s.add_argument("--max-videos", type=int, default=2, help="videos per request (default 2)")
     s.add_argument("--max-frames", type=int, default=64, help="frames per video (default 64)")
-    s.add_argument("--max-tokens", type=int, default=512, help="default max_tokens of a request (default 512)")
+    s.add_argument("--max-queue", type=int, default=16, help="requests waiting for the model; more get HTTP 429 "
+                                                             "(default 16)")
     s.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
     s.set_defaults(fn=_serve)
 
