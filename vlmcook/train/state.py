@@ -298,6 +298,8 @@ def _optimizer(saved: dict, tensors: dict[str, torch.Tensor], where: str) -> dic
     groups = [{k: v if k == "params" or not isinstance(v, list) else tuple(v) for k, v in g.items()} for g in groups]
     state: dict[str, dict] = {fqn: dict(v) for fqn, v in scalars.items()}
     for name in [k for k in tensors if k.startswith("optimizer.")]:
+        if not tensors[name].dtype.is_floating_point:  # the optimizer would cast it to the parameter's dtype
+            raise CheckpointError(f"{where}: optimizer tensor {name!r} is {tensors[name].dtype}, not floating point")
         fqn, _, key = name[len("optimizer."):].rpartition(".")
         state.setdefault(fqn, {})[key] = tensors.pop(name)
     known = {p for g in groups for p in g["params"]}
