@@ -6,8 +6,7 @@
     torchrun --nproc_per_node 8 -m vlmcook.cli train --dist fsdp ...
 
 Flags are generated from the fields of TrainConfig (vlmcook/train/loop.py), Start and Data, so Python code uses the
-same names. Rank r of W processes reads mixture positions r, r+W, ...; micro-batch k of a rank holds its samples
-k*B .. k*B+B-1, so the data position saved with a checkpoint is just k.
+same names. Under torchrun each process reads its own share of the data mixture: --batch-size is per process.
 """
 
 from __future__ import annotations
@@ -42,7 +41,7 @@ def _per_stage(name: str) -> str:
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("train", help="run one training stage (lm/pt1/pt2/pt3/sft/video3d), optionally with LoRA",
+    p = subparsers.add_parser("train", help=f"run one training stage ({'/'.join(C.STAGES)}), optionally with LoRA",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     shown = {k: _per_stage(k) for k in ("lr", "min_lr", "schedule")}
     flags.add_flags(p, TrainConfig, C.Start, Data, default_text={**shown, "dist": "default: ddp under torchrun, "
@@ -73,7 +72,8 @@ def _batches(mixture, dist, batch_size: int, pad_id: int, pack_tokens: int | Non
     from vlmcook.train.data import collate_batch, pack
 
     def source(position: int):
-        # This rank's micro-batch k holds its samples k*B .. k*B+B-1 of positions rank, rank+W, ...
+        # Rank r of W reads mixture positions r, r+W, ...; its micro-batch k holds its samples k*B .. k*B+B-1, so
+        # the data position a checkpoint saves is just k.
         it = mixture.iterate(start=position * batch_size * dist.world_size, rank=dist.rank,
                              world_size=dist.world_size)
         while True:
