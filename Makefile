@@ -1,5 +1,5 @@
 # The two commands of the README. Both set everything up first (idempotent, fast when done).
-.PHONY: setup demo test bench
+.PHONY: setup demo test
 setup:
 	bash scripts/setup.sh
 
@@ -9,5 +9,3 @@ demo: setup
 test: setup
 	.venv/bin/python -m pytest
 
-bench: setup
-	.venv/bin/python benchmarks/run_all.py

@@ -2,9 +2,9 @@
 
     python benchmarks/bench_reading_probe.py [--steps 400] [--pages 1500]
 
-The demo model (vlmcook.demo.demo_config) is trained from scratch. This probe isolates its visual path: the
+The demo model (the `demo` preset) is trained from scratch. This probe isolates its visual path: the
 tower + resampler of a fresh model, plus a linear head from the 42 query outputs to the first 12 characters of the
-page title (27 classes: a-z and space), trained with AdamW on grid pages (vlmcook.demo.grid_page, clean, no
+page title (27 classes: a-z and space), trained with AdamW on tape pages (vlmcook.data.docs.grid, clean, no
 corruption), scored on held-out pages of another seed. Two inits of the same seed: the release's resampler init
 (queries attend nearly uniformly) and `init_for_scratch` (each query starts on one text cell). Measured on this
 machine (400 steps, batch 16, 1500 tape-typed pages): held-out character accuracy 0.126 (reference init) vs 0.389
@@ -23,14 +23,16 @@ import torch.nn.functional as F
 from vlmcook.data.docs.synthetic import find_fonts
 from vlmcook.data.processor import Processor
 from vlmcook.data.tokenizer import Tokenizer
-from vlmcook.demo import demo_config, demo_text, grid_page, init_for_scratch
+from vlmcook.config import PRESETS
+from vlmcook.data.docs.grid import grid_cells, grid_page, random_titles
+from vlmcook.train.scratch import init_for_scratch
 from vlmcook.model.minicpmv import MiniCPMV
 
 CHARS, K = " abcdefghijklmnopqrstuvwxyz", 12
 
 
 def pages(seed: int, n: int, proc, fonts):
-    text, out = demo_text(seed), []
+    text, out = random_titles(seed), []
     for i in range(n):
         page = grid_page(i, seed, text, fonts)
         title = page.regions[0].text.lower()[:K].ljust(K)
@@ -42,7 +44,7 @@ def pages(seed: int, n: int, proc, fonts):
 def probe(cfg, train, test, positional: bool, steps: int) -> float:
     torch.manual_seed(0)
     model = MiniCPMV(cfg)
-    init_for_scratch(model)
+    init_for_scratch(model, grid_cells(model.resampler.cfg.num_queries))
     if not positional:  # back to the reference resampler init; the tower keeps init_for_scratch's
         model.resampler.reset_parameters()
     Q, D = cfg.query_num, cfg.llm.hidden_size
@@ -71,7 +73,7 @@ def main():
     ap.add_argument("--pages", type=int, default=1500)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg, fonts = demo_config(), find_fonts()
+    cfg, fonts = PRESETS["demo"], find_fonts()
     proc = Processor(Tokenizer.tiny(), cfg)
     train, test = pages(0, args.pages, proc, fonts), pages(1000, 200, proc, fonts)
     space = torch.stack([y for _, y in test]).eq(0).float().mean().item()

@@ -3,7 +3,7 @@
     python benchmarks/bench_reading_recipe.py [--pages 1500] [--lm 600] [--vision 300] [--steps 600]
                                              [--arms all,no_vision,page_first,no_lm]
 
-Every arm starts from the same init (vlmcook.demo.untrained, seed 0), tokenizes one token per character, and ends
+Every arm starts from the same init (recipes/demo.py `untrained`, seed 0), tokenizes one token per character, and ends
 with `--steps` steps of pt3 (everything trains, WSD, lr 1e-3) on the demo's document pages only (tape-typed
 titles, corrupted at a low / medium / high level); it is scored by greedy decoding on 60 held-out pages (CER per
 level; "high" is fully masked, so it is the blind baseline). Arms:
@@ -25,13 +25,19 @@ import tempfile
 import time
 from pathlib import Path
 
+import sys
+from dataclasses import replace
+
 import torch
 
-from vlmcook import demo as D
-from vlmcook.data.image import IMAGE_MARKER
-from vlmcook.data.tokenizer import Tokenizer
-from vlmcook.eval.ocr import eval_ocr, ocr_items
-from vlmcook.train.data import JsonlRecords
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from recipes import demo as D  # noqa: E402
+from vlmcook.config import PRESETS  # noqa: E402
+from vlmcook.data.docs.grid import CopyText, write_grid_docs  # noqa: E402
+from vlmcook.data.image import IMAGE_MARKER  # noqa: E402
+from vlmcook.data.tokenizer import Tokenizer  # noqa: E402
+from vlmcook.eval.ocr import eval_ocr, ocr_items  # noqa: E402
+from vlmcook.train.data import JsonlRecords  # noqa: E402
 
 def page_first(jsonl: Path) -> Path:
     """A copy of a docs JSONL with the page moved back before the question."""
@@ -44,10 +50,10 @@ def page_first(jsonl: Path) -> Path:
     return out
 
 
-def stage(model, tok, pools: dict, mixture: dict, name: str, steps: int, lr: float, plan) -> float:
-    """One demo stage; -> mean loss of its last 10 steps."""
-    losses = [m["loss"] for m in D.train_stage(model, pools, mixture, name, steps, lr, 0, plan, tok)]
-    return sum(losses[-10:]) / len(losses[-10:])
+def stage(model, tok, pools: dict, name: str, steps: int, plan) -> float:
+    """One step of the demo's recipe on `pools`; -> mean loss of its last 10 optimizer steps."""
+    logs = D.train_recipe(model, pools, replace(plan, steps={name: steps}), 0, tok, steps=(name,))[name]
+    return sum(m["loss"] for m in logs[-10:]) / len(logs[-10:])
 
 
 def main() -> None:
@@ -59,20 +65,20 @@ def main() -> None:
     ap.add_argument("--arms", default="all,no_vision,page_first,no_lm")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg, tok = D.demo_config(), Tokenizer.tiny(chars=True)
+    cfg, tok = PRESETS["demo"], Tokenizer.tiny(chars=True)
     plan = D.PLANS["quick"]  # batching (tokens per step) and the copy / glyph pool sizes
     tmp = Path(tempfile.mkdtemp(prefix="bench_reading_"))
     t0 = time.perf_counter()
-    docs, _ = D.make_docs(tmp / "train", args.pages, 0)
-    held, _ = D.make_docs(tmp / "eval", 60, 1000)
+    docs, _ = write_grid_docs(tmp / "train", args.pages, 0, D.question_first)
+    held, _ = write_grid_docs(tmp / "eval", 60, 1000, D.question_first)
     data = {"question_first": (docs, held), "page_first": (page_first(docs), page_first(held))}
     pools, items = {}, {}
     for order, (tr, ev) in data.items():
         rec = JsonlRecords(tr)
         pools[order] = D.pool(rec, tok, cfg, rec.path.parent, f"docs ({order})")
         items[order] = ocr_items(ev, tok, cfg)
-    copies = {"copy": D.pool(D.Records(D.CopyText(3000, plan.copies), "copy"), tok, cfg, desc="repeat-the-text")}
-    glyphs = D.glyph_pages(plan.glyph_pages, 4000, cfg, tok)
+    copies = {"copy": D.pool(D.Records(CopyText(3000, plan.copies), "copy"), tok, cfg, desc="repeat-the-text")}
+    glyphs = {"glyphs": D.glyph_pool(plan.glyph_pages, 4000, cfg, tok)}
 
     base = D.untrained(cfg, 0)
     after_lm = None
@@ -81,14 +87,14 @@ def main() -> None:
         model = copy.deepcopy(base)
         if arm != "no_lm":
             if after_lm is None:
-                lm_loss = stage(model, tok, copies, {"copy": 1.0}, "lm", args.lm, 3e-3, plan)
+                lm_loss = stage(model, tok, copies, "lm", args.lm, plan)
                 print(f"lm: last loss {lm_loss:.3f}")
                 after_lm = copy.deepcopy(model.state_dict())
             model.load_state_dict(after_lm)
         if arm != "no_vision":
-            D.pretrain_vision(model, glyphs, tok, args.vision, 1e-3, 0)
+            stage(model, tok, glyphs, "vision", args.vision, plan)
         order = "page_first" if arm == "page_first" else "question_first"
-        loss = stage(model, tok, {"docs": pools[order]}, {"docs": 1.0}, "pt3", args.steps, 1e-3, plan)
+        loss = stage(model, tok, {"docs": pools[order]}, "pt3", args.steps, plan)
         its = items[order]
         r = eval_ocr(model, tok, its, max(len(tok.encode(it.reference)) for it in its) + 8)
         distinct = len(set(r["outputs"])) / len(r["outputs"])

@@ -7,10 +7,14 @@ their licence, and how the tokenizer subset was cut), so a fresh clone runs ever
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
 import torch
+
+# the recipes/ scripts are not part of the package; their tests import them from the checkout
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 RELEASED_FIXTURES = Path(__file__).resolve().parent / "fixtures" / "minicpm-v-4_5"
 COPIED = ("config.json", "generation_config.json", "preprocessor_config.json", "tokenizer_config.json",

@@ -13,7 +13,7 @@ from PIL import Image
 
 from vlmcook.checkpoint import load_model
 from vlmcook.data.tokenizer import Tokenizer
-from vlmcook.demo import STAGES, run, smoke_config, smoke_plan
+from recipes.demo import RECIPE, run, smoke_config, smoke_plan
 
 
 def _check_outputs(out, name, steps):
@@ -21,7 +21,7 @@ def _check_outputs(out, name, steps):
     tok = Tokenizer.from_dir(out / "model")  # saved with its tokenizer
     assert tok.vocab_size <= model.config.llm.vocab_size
     r = json.loads((out / "metrics.json").read_text())
-    assert list(r["history"]) == list(STAGES)
+    assert list(r["history"]) == list(RECIPE)
     for stage, logs in r["history"].items():
         assert len(logs) == steps[stage], stage
         assert all(math.isfinite(m["loss"]) for m in logs), stage
@@ -45,10 +45,10 @@ def _check_outputs(out, name, steps):
 
 def test_demo_smoke_end_to_end(tmp_path):
     plan = smoke_plan(steps=1)
-    assert run(out=str(tmp_path), seed=0, plan=plan, config=smoke_config()) == 0
+    run(out=str(tmp_path), seed=0, plan=plan, config=smoke_config())
     model, r = _check_outputs(tmp_path, plan.name, plan.steps)
     # the checkpoint holds the *trained* weights: they differ from a fresh model of the same init seed
-    from vlmcook.demo import untrained
+    from recipes.demo import untrained
     fresh = untrained(smoke_config(), 0).state_dict()
     assert any(not torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
 
@@ -60,7 +60,7 @@ def test_demo_quick_real(tmp_path):
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "vlmcook.cli", "demo", "--quick", "--out", str(tmp_path)], check=True)
     wall = time.perf_counter() - t
-    from vlmcook.demo import PLANS
+    from recipes.demo import PLANS
     _, r = _check_outputs(tmp_path, PLANS["quick"].name, PLANS["quick"].steps)
     assert wall < 420, f"quick demo took {wall:.0f} s"
     assert r["verdict"]["ocr"]["learned"] and r["verdict"]["video"]["learned"], r["verdict"]
@@ -75,10 +75,10 @@ def test_grid_page_one_glyph_per_cell_and_legible():
 
     from vlmcook.data.docs.ocr import read_region
     from vlmcook.data.docs.synthetic import find_fonts
-    from vlmcook.demo import CELL, TEXT_ROWS, VIEW_SIZE, demo_text, grid_page
+    from vlmcook.data.docs.grid import CELL, TEXT_ROWS, VIEW_SIZE, grid_page, random_titles
     from vlmcook.eval.metrics import edit_distance
 
-    fonts, text = find_fonts(), demo_text(0)
+    fonts, text = find_fonts(), random_titles(0)
     cers = []
     for i in range(12):
         page = grid_page(i, 0, text, fonts)
@@ -114,10 +114,12 @@ def test_positional_queries_attend_their_cell():
     random patch features; computed by hand from the parameters (not through Resampler.forward)."""
     import torch.nn.functional as F
 
-    from vlmcook.demo import demo_config, grid_cells, positional_queries
+    from vlmcook.config import PRESETS
+    from vlmcook.data.docs.grid import grid_cells
     from vlmcook.model.resampler import Resampler, pos_embed_2d
+    from vlmcook.train.scratch import positional_queries
 
-    cfg = demo_config().resampler
+    cfg = PRESETS["demo"].resampler
     torch.manual_seed(0)
     rs = Resampler(cfg)
     cells = grid_cells(cfg.num_queries)
@@ -150,7 +152,7 @@ def test_positional_queries_attend_their_cell():
 # ---- the demo's component pre-training: repeat-the-text records, question-first pages, the vision stage ---------
 
 def test_question_first_moves_the_page_after_the_question():
-    from vlmcook.demo import question_first
+    from recipes.demo import question_first
 
     rec = {"id": "p", "messages": [{"role": "user", "content": "(<image>./</image>)\nRead the page."},
                                    {"role": "assistant", "content": "a title"}], "meta": {"k": 1}}
@@ -164,13 +166,15 @@ def test_glyph_pages_label_each_query_with_the_character_in_its_cell():
     """Labels are checked against the pixels: a query's cell has ink exactly when its label is not a space."""
     import numpy as np
 
+    from recipes.demo import glyph_pool
+    from vlmcook.config import PRESETS
+    from vlmcook.data.docs.grid import CELL, grid_cells
     from vlmcook.data.tokenizer import Tokenizer
-    from vlmcook.demo import CELL, demo_config, glyph_pages, grid_cells
 
-    cfg = demo_config()
-    data = glyph_pages(6, 0, cfg, Tokenizer.tiny(chars=True))
+    cfg = PRESETS["demo"]
+    data = glyph_pool(6, 0, cfg, Tokenizer.tiny(chars=True))
     cells = grid_cells(cfg.resampler.num_queries)
-    for view, labels in data:
+    for view, labels in ((g["view"], g["labels"]) for g in data):
         assert view.shape == (3, 98, 196) and labels.shape == (len(cells),)
         grey = view.mean(0).numpy()  # normalised pixels; ink is darker than the paper
         paper = np.median(grey)
@@ -179,19 +183,21 @@ def test_glyph_pages_label_each_query_with_the_character_in_its_cell():
             assert ink == (y != 0), (r, c, chr(32 + y))
 
 
-def test_pretrain_vision_trains_tower_and_resampler_only_and_learns():
-    """A few steps on a handful of pages: the loss falls, the vision tower and the resampler change, the LLM
-    (whose embeddings are the targets) does not."""
+def test_vision_step_trains_tower_and_resampler_only_and_learns():
+    """The vision step (the training loop with the glyph loss hook) for a few steps on a handful of pages: the
+    loss falls, the vision tower and the resampler change, the LLM (whose embeddings are the targets) does not."""
+    from recipes.demo import glyph_batches, glyph_loss, glyph_pool, untrained
     from vlmcook.data.tokenizer import Tokenizer
-    from vlmcook.demo import glyph_pages, pretrain_vision, smoke_config, untrained
+    from vlmcook.train.loop import TrainConfig, train
 
     cfg = smoke_config()
     tok = Tokenizer.tiny(chars=True)
     model = untrained(cfg, 0)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    data = glyph_pages(8, 0, cfg, tok)
-    logs = pretrain_vision(model, data, tok, steps=60, lr=3e-3, seed=0, batch=8)
-    assert len(logs) == 60 and logs[-1]["loss"] < 0.4 * logs[0]["loss"], [m["loss"] for m in logs[::10]]
+    data = glyph_pool(8, 0, cfg, tok)
+    tc = TrainConfig(stage="pt2", steps=60, lr=3e-3, min_lr=3e-3, schedule="constant", weight_decay=0.01, log_every=0)
+    logs = train(tc, model, glyph_batches(data, 0, batch=8), loss_fn=glyph_loss(model, tok))
+    assert len(logs) == 60 and logs[-1] < 0.4 * logs[0], logs[::10]
     after = model.state_dict()
     changed = {k.split(".")[0] for k in after if not torch.equal(after[k], before[k])}
     assert changed == {"vpm", "resampler"}, changed
@@ -201,7 +207,7 @@ def test_reading_verdict_separates_a_reader_from_a_page_blind_model(monkeypatch)
     """eval_ocr scores the same outputs against another page's text too: a constant output scores exactly the same
     both ways (the rotation only permutes the references), a perfect reader scores 0 vs clearly more; the verdict
     follows. The model is replaced by fixed outputs (greedy is patched), so this checks the scoring, not a model."""
-    from vlmcook.demo import verdicts
+    from recipes.demo import verdicts
     from vlmcook.eval import ocr
 
     refs = ["arches better repaired", "clocks built library", "Within measured with lessons", "trails foreign"]

@@ -224,7 +224,7 @@ def test_evaluate_policy_runs(tok):
 
 
 def test_rl_demo_smoke(tmp_path):
-    from vlmcook.rl.demo import PLANS, run_rl_demo
+    from recipes.rl_demo import PLANS, run_rl_demo
     r = run_rl_demo(str(tmp_path / "demo"), plan=PLANS["smoke"])
     assert set(r) >= {"sft", "long_only", "hybrid"}
     assert r["long_only"]["history"][0]["n_short"] == 0  # long_share 1.0: every prompt in long mode

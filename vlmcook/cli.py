@@ -15,15 +15,26 @@ REPL_HELP = ("commands: /reset (new conversation, same --image/--video), /image 
              "the next message), /quit (or Ctrl-D)")
 
 
+def _recipe(name: str):
+    """A script of the checkout's recipes/ folder (recipes are launched by the CLI, never imported by the library)."""
+    import importlib
+
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "recipes" / f"{name}.py").is_file():
+        raise FileNotFoundError(f"recipes/{name}.py is not next to this vlmcook package ({root}): the demos run from "
+                                f"a source checkout (git clone, then `make demo`)")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    return importlib.import_module(f"recipes.{name}")
+
+
 def _demo(args) -> int:
     if args.rl:  # the RL flavour: long-only vs hybrid GRPO on a toy verifiable task (reports/rl.md)
-        from vlmcook.rl.demo import run_rl_demo
-
-        run_rl_demo(out=args.out if args.out != "runs/demo" else "runs/demo_rl", quick=args.quick, seed=args.seed)
+        rl = _recipe("rl_demo")
+        rl.run_rl_demo(out=args.out if args.out != "runs/demo" else "runs/demo_rl", quick=args.quick, seed=args.seed)
         return 0
-    from vlmcook.demo import run
-
-    return run(out=args.out, seed=args.seed, quick=args.quick, steps=args.steps)
+    _recipe("demo").run(out=args.out, seed=args.seed, quick=args.quick, steps=args.steps)
+    return 0
 
 
 def _info(args) -> int:
@@ -294,11 +305,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="vlmcook", description="MiniCPM-V 4.5 in plain PyTorch: run, train, reproduce.")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    d = sub.add_parser("demo", help="the main job on the built-in tiny model (CPU, minutes)",
-                       description="Runs the project's main job on the tiny preset and writes a report.")
+    d = sub.add_parser("demo", help="the main job: the recipe at toy scale, trained here on data made here (CPU)",
+                       description="Runs recipes/demo.py: the whole recipe on a 1.3M-parameter model trained from "
+                                   "scratch on generated pages and videos, then evaluation and a report with plots.")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
     d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
-    d.add_argument("--quick", action="store_true", help="the short flavour (under ~5 minutes on 2 cores)")
+    d.add_argument("--quick", action="store_true", help="the short plan (a few minutes on 2 cores; a smoke run)")
     d.add_argument("--steps", type=int, default=None, metavar="N",
                    help="optimizer steps of every stage (overrides the plan; for smoke runs)")
     d.add_argument("--rl", action="store_true",

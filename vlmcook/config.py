@@ -314,4 +314,16 @@ PRESETS: dict[str, MiniCPMVConfig] = {
         max_slice_nums=4,
         torch_dtype="float32",
     ),
+    # demo: what `vlmcook demo` trains from scratch on a CPU (1.3M parameters): a 3-layer 128-wide Qwen3, a 2-layer
+    # 64-wide SigLIP, 42 queries (one per cell of a tape page's 3 text rows x 14 columns, data/docs/grid.py) and
+    # single 140-px-scale views, so a 196 x 98 page or video frame stays one 7 x 14-patch view.
+    "demo": MiniCPMVConfig(
+        vision=VisionConfig(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4),
+        resampler=ResamplerConfig(num_queries=42, embed_dim=128, num_heads=4, kv_dim=64),
+        llm=replace(_TINY_LLM, hidden_size=128, intermediate_size=384, num_hidden_layers=3, num_attention_heads=4,
+                    num_key_value_heads=2, head_dim=32),
+        scale_resolution=140,
+        max_slice_nums=1,
+        torch_dtype="float32",
+    ),
 }

@@ -16,6 +16,7 @@ continues at i and rank r of `world` processes takes positions r, r + world, ...
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 from collections import Counter
@@ -26,8 +27,7 @@ from typing import Any, Iterator, Protocol, Sequence
 import torch
 
 from vlmcook.data.chat import IGNORE_INDEX
-from vlmcook.data.image import ImageError
-from vlmcook.data.image import IMAGE_MARKER
+from vlmcook.data.image import IMAGE_MARKER, ImageError
 from vlmcook.data.processor import VIDEO_MARKER, Processor, collate
 from vlmcook.data.video import VideoError
 
@@ -332,3 +332,20 @@ def pack(samples: Sequence[dict], max_tokens: int, pad_id: int = 0) -> dict[str,
     out.update(input_ids=ids, labels=labels, segment_ids=seg, position_ids=pos, attention_mask=(seg > 0).long(),
                rows=rows)
     return out
+
+
+def token_batches(mixture: Mixture, batch_tokens: int, row_tokens: int, pad_id: int, max_samples: int = 256):
+    """-> `position -> iterator of packed micro-batches` (train.loop's `batches`) of about `batch_tokens` tokens:
+    micro-batch k takes mixture positions k * max_samples, k * max_samples + 1, ... until its samples hold
+    `batch_tokens` tokens, packed into rows of `row_tokens` (or the longest sample). So batch k is a pure function
+    of (mixture seed, k) and a resumed run continues exactly."""
+    def source(position: int) -> Iterator[dict]:
+        for k in itertools.count(position):
+            picked, tokens = [], 0
+            for j in range(max_samples):
+                picked.append(mixture[k * max_samples + j])
+                tokens += picked[-1]["input_ids"].shape[1]
+                if tokens >= batch_tokens:
+                    break
+            yield pack(picked, max(row_tokens, max(s["input_ids"].shape[1] for s in picked)), pad_id)
+    return source

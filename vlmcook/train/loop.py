@@ -145,9 +145,11 @@ def _autocast(cfg: TrainConfig, dist: C.Dist):
 
 # ---- the loop --------------------------------------------------------------------------------------------------
 def train(cfg: TrainConfig, model: nn.Module, batches: Callable[[int], Iterator[dict]] | Sequence[dict],
-          dist: C.Dist | None = None, tokenizer=None, on_step: Callable[[int, dict], None] | None = None
-          ) -> list[float]:
-    """Train `model` (a MiniCPMV, unwrapped) for cfg.steps optimizer steps; returns the loss of every step run."""
+          dist: C.Dist | None = None, tokenizer=None, on_step: Callable[[int, dict], None] | None = None,
+          loss_fn: Callable[[nn.Module, dict], torch.Tensor] | None = None) -> list[float]:
+    """Train `model` (a MiniCPMV, unwrapped) for cfg.steps optimizer steps; returns the loss of every step run.
+    `loss_fn(net, batch) -> mean loss` replaces the LM loss (e.g. a component pre-training objective); its batches
+    say how many targets they hold in `batch["num_targets"]` (the weight of a micro-batch in its step)."""
     dist = dist or C.setup_distributed()
     C.seed_everything(cfg.seed)
     model_config = model.config
@@ -185,22 +187,25 @@ def train(cfg: TrainConfig, model: nn.Module, batches: Callable[[int], Iterator[
             group["lr"] = lr
         micro = [next(data) for _ in range(cfg.grad_accum)]
         position += cfg.grad_accum
-        counts = [C.label_tokens(b) for b in micro]
+        counts = [b["num_targets"] if loss_fn else C.label_tokens(b) for b in micro]
         # Label tokens of the whole global step: every micro-batch's loss is weighted by its share of them.
         total = C.all_reduce_sum(torch.tensor(float(sum(counts)), dtype=torch.float64, device=dist.device), dist).item()
         loss_sum = torch.zeros((), device=dist.device)
         tokens = 0
         for i, b in enumerate(micro):
-            if not C.has_visuals(b) and (dist.enabled or vision_trains):
+            if not loss_fn and not C.has_visuals(b) and (dist.enabled or vision_trains):
                 b = C.add_dummy_visual(b, model_config.query_num, model_config.patch_size)
-            b = C.to_device(b, dist.device)
-            mask = b.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else b["input_ids"].numel()
+            if loss_fn:  # the hook's batch is its own business (device included)
+                tokens += counts[i]
+            else:
+                b = C.to_device(b, dist.device)
+                mask = b.get("attention_mask")
+                tokens += int(mask.sum()) if mask is not None else b["input_ids"].numel()
             with _sync(net, cfg, last=i == len(micro) - 1), _autocast(cfg, dist):
-                out = net(**b)
+                loss = loss_fn(net, b) if loss_fn else net(**b).loss
                 weight = counts[i] * dist.world_size / max(total, 1.0)
-                (out.loss * weight).backward()
-            loss_sum += out.loss.detach().float() * counts[i]
+                (loss * weight).backward()
+            loss_sum += loss.detach().float() * counts[i]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else float("inf"))
         opt.step()
         opt.zero_grad(set_to_none=True)

@@ -1,5 +1,6 @@
-"""The demo's report: markdown + PNG plots (loss curves of every stage; OCR CER per level and video QA accuracy,
-trained vs untrained; 3D vs 2D at an equal visual-token budget). Input: the demo's results dict (metrics.json).
+"""The demo's report: markdown + PNG plots (loss curves of every step; OCR CER per level and video QA accuracy,
+trained vs untrained; 3D vs 2D at an equal visual-token budget), and the console summary. Input: the demo's
+results dict (metrics.json).
 
 matplotlib runs headless (Agg backend); the markdown links the PNGs by file name, so the report and its plots can
 be moved together.
@@ -93,7 +94,7 @@ def markdown(r: dict, loss_png: str, metrics_png: str) -> str:
     rows = [
         f"# vlmcook demo report: `{plan['name']}`",
         "",
-        f"Whole recipe at toy scale on the CPU: {r['params']:,}-parameter model (demo_config), seed {r['seed']}, "
+        f"Whole recipe at toy scale on the CPU: {r['params']:,}-parameter model (the `demo` preset), seed {r['seed']}, "
         f"{r['threads']} torch thread(s). Wall time {t['total']:.0f} s (data {t['data']:.0f} s, training "
         f"{t['train']:.0f} s, checkpoint + evaluation {t['eval']:.0f} s); CPU time {t['cpu']:.0f} s.",
         "",
@@ -154,7 +155,7 @@ def markdown(r: dict, loss_png: str, metrics_png: str) -> str:
         "report's stages the demo pre-trains its from-scratch parts, as the release starts from a pre-trained "
         "Qwen3 and SigLIP: `lm` trains the LLM on 'repeat the text' records, `vision` trains the tower and "
         "resampler to emit, per query, the LLM's embedding of the character in its cell. Why each of these "
-        "(measured ablations) is in vlmcook/demo.py: grid_page, question_first, pretrain_vision.",
+        "(measured ablations) is in the docstrings of data/docs/grid.py, train/scratch.py and recipes/demo.py (question_first, glyph_loss).",
         "",
         f"## 3D vs 2D resampler at an equal token budget ({c['budget']} visual tokens)",
         "",
@@ -187,7 +188,7 @@ def markdown(r: dict, loss_png: str, metrics_png: str) -> str:
                  "pt2": "resampler + vision", "pt3": "everything", "sft": "everything", "video3d": "everything"}
     for stage, logs in r["history"].items():
         if logs:
-            schedule = r["schedules"][stage].replace("wsd", "WSD")
+            schedule = r["recipe"][stage]["schedule"].replace("wsd", "WSD")
             rows.append(f"| {stage} | {len(logs)} | {trainable.get(stage, '?')} | {schedule} | "
                         f"{plan['lr'][stage]:.0e} | {logs[0]['loss']:.3f} | {_tail(logs):.3f} |")
     rows += [
@@ -225,3 +226,31 @@ def write_report(results: dict, out_dir: str | Path, name: str) -> Path:
     path = out_dir / f"{name}.md"
     path.write_text(markdown(results, loss_png, metrics_png))
     return path
+
+
+def summary(r: dict, out_dir: Path, report: Path) -> str:
+    """The console summary of a run."""
+    tr, v, c = r["trained"], r["verdict"], r["compare_3d_2d"]
+    base_cer = [b["ocr"]["cer"] for b in r["untrained"]]
+    base_acc = [b["video"]["accuracy"] for b in r["untrained"]]
+    rng = lambda xs: f"{min(xs):.3f}-{max(xs):.3f}" if len(xs) > 1 else f"{xs[0]:.3f}"  # noqa: E731
+    return "\n".join([
+        "",
+        "=" * 78,
+        f"vlmcook demo ({r['plan']['name']}) done in {r['timings']['total']:.0f} s wall, "
+        f"{r['timings']['cpu']:.0f} s CPU ({r['params']:,} parameters)",
+        f"  OCR CER        trained {tr['ocr']['cer']:.3f}   untrained {rng(base_cer)}   "
+        f"-> {'LEARNED' if v['ocr']['learned'] else 'not learned'} (margin {v['ocr']['margin']:.2f})",
+        "  CER per level  " + ", ".join(f"{k} {x:.3f}" for k, x in tr["ocr"]["per_level"].items())
+        + f"   -> {'READS' if v['ocr']['reads'] else 'does NOT read'} (low {v['ocr']['low']:.3f} vs "
+        f"{v['ocr']['low_other_page']:.3f} against other pages' text)",
+        f"  video QA acc   trained {tr['video']['accuracy']:.3f}   untrained {rng(base_acc)}   chance "
+        f"{tr['video']['chance']:.3f}   majority {v['video']['majority']:.3f}   "
+        f"-> {'LEARNED' if v['video']['learned'] else 'not learned'}, "
+        f"{'above' if v['video']['above_baselines'] else 'NOT above'} chance/majority",
+        f"  3D vs 2D @ {c['budget']} visual tokens: 3D ({c['3d']['packing']} frames/package) "
+        f"{c['3d']['accuracy']:.3f}   2D {c['2d']['accuracy']:.3f}",
+        f"  checkpoint: {out_dir / 'model'}  (vlmcook chat loads it by default from runs/demo/model)",
+        f"  report:     {report}",
+        "=" * 78,
+    ])

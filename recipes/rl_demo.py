@@ -1,6 +1,6 @@
 """The paper's hybrid-RL claim at toy scale: long-only RL vs hybrid (50% long) RL at the same number of steps.
 
-    run_rl_demo(out="runs/demo_rl", quick=False)   (the lead mounts it as `vlmcook demo --rl`)
+    vlmcook demo --rl [--quick] [--out runs/demo_rl]
 
 1. Task (text, verifiable, thinking helps): "What is a + b + c?" over single digits. Long-mode SFT targets write the
    partial sums (`<think>\\na + b = x\\nx + c = s\\n</think>\\n\\ns`); short-mode targets are just `s`, so short mode
