@@ -12,7 +12,7 @@
 - One generation at a time, in arrival order, on one worker thread (`Worker`): the model, its KV cache and torch's
   RNG are not thread-safe, and a seeded request gets the same answer alone or among others. At most `max_queue`
   requests wait (more get 429 + Retry-After). A stream stops at the next token when its client goes away.
-- Sampling fields left out take the release's presets for the mode (`vlmcook.infer.api.PRESETS`), not OpenAI's
+- Sampling fields left out take the release's presets for the mode (`api.SAMPLING_PRESETS`), not OpenAI's
   temperature 1; enable_thinking (or chat_template_kwargs.enable_thinking, as vLLM) defaults to False.
 """
 
@@ -40,7 +40,8 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 from pydantic_core import PydanticCustomError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vlmcook.data import processor, video
+from vlmcook.data import video
+from vlmcook.data.processor import ContextLengthError
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +94,6 @@ class MediaURL(_Strict):
     @model_validator(mode="before")
     @classmethod
     def _bare(cls, v):  # {"image_url": "data:..."} = {"image_url": {"url": "data:..."}}
-        if not isinstance(v, (str, dict)):
-            raise ValueError("must be a URL string or {'url': ...}")
         return {"url": v} if isinstance(v, str) else v
 
 
@@ -287,6 +286,8 @@ def _messages(req: ChatRequest, settings: ServeSettings) -> tuple[list[dict], di
     if out[-1]["role"] == "assistant":
         raise APIError(400, "the last message must not be an assistant message (continuing a reply is not "
                             "supported)", f"messages[{len(out) - 1}].role")
+    if settings.allowed_media_dir is not None:  # replaced last: any other path under it
+        paths[str(Path(settings.allowed_media_dir).resolve())] = "<allowed media folder>"
     return out, paths
 
 
@@ -320,7 +321,7 @@ def _chat_error(e: Exception, paths: dict[str, str], context: int, asked: int | 
     paths replaced by the client's), anything else is ours (500; the details go to the log only)."""
     if isinstance(e, APIError):
         return e
-    if isinstance(e, getattr(processor, "ContextLengthError", ())):
+    if isinstance(e, ContextLengthError):
         asked_text = f" and {asked} completion tokens were requested" if asked else ""
         return APIError(400, f"this model's maximum context length is {context} tokens; the prompt is "
                              f"{e.prompt_tokens} tokens{asked_text}; shorten the prompt, use fewer images/frames"
