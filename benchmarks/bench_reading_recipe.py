@@ -77,7 +77,7 @@ def main() -> None:
         rec = JsonlRecords(tr)
         pools[order] = D.pool(rec, tok, cfg, rec.path.parent, f"docs ({order})")
         items[order] = ocr_items(ev, tok, cfg)
-    copies = {"copy": D.pool(D.Records(CopyText(3000, plan.copies), "copy"), tok, cfg, desc="repeat-the-text")}
+    copies = {"copy": D.pool(D.Seeded(CopyText(3000, plan.copies), "copy"), tok, cfg, desc="repeat-the-text")}
     glyphs = {"glyphs": D.glyph_pool(plan.glyph_pages, 4000, cfg, tok)}
 
     base = D.untrained(cfg, 0)

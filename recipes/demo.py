@@ -131,7 +131,7 @@ class Cached:
         return self.cache[i]
 
 
-class Records(Cached):
+class Seeded(Cached):
     """train.data records `(record, where)` over a seeded source, with `edit(i, record)` applied (e.g. the video
     knobs of the 2D->3D step)."""
 
@@ -197,15 +197,15 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
     videos3d = SynthVideoQA(seed=seed + 1, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS)
     records = JsonlRecords(docs)
     pools = {"docs": pool(records, tok, cfg, records.path.parent, "docs"),
-             "images": pool(Records(SynthImageQA(seed=seed, n=plan.images, size=VIEW_SIZE,
+             "images": pool(Seeded(SynthImageQA(seed=seed, n=plan.images, size=VIEW_SIZE,
                                                  tasks=("caption", "word", "colour")), "images"),
                             tok, cfg, desc="image QA"),
-             "text": pool(Records(SynthText(seed=seed, n=plan.texts), "text"), tok, cfg, desc="text QA"),
-             "copy": pool(Records(CopyText(seed + 3000, plan.copies), "copy"), tok, cfg, desc="repeat-the-text"),
+             "text": pool(Seeded(SynthText(seed=seed, n=plan.texts), "text"), tok, cfg, desc="text QA"),
+             "copy": pool(Seeded(CopyText(seed + 3000, plan.copies), "copy"), tok, cfg, desc="repeat-the-text"),
              "glyphs": glyph_pool(plan.glyph_pages, seed + 4000, cfg, tok),
-             "video2d": pool(Records(videos, "video2d", video_knobs(packing=1, fps=2.0)), tok, cfg,
+             "video2d": pool(Seeded(videos, "video2d", video_knobs(packing=1, fps=2.0)), tok, cfg,
                              desc="video QA 2D"),
-             "video3d": pool(Records(videos3d, "video3d", video_knobs(seed=seed)), tok, cfg, desc="video QA 3D")}
+             "video3d": pool(Seeded(videos3d, "video3d", video_knobs(seed=seed)), tok, cfg, desc="video QA 3D")}
     eval_videos = Cached(SynthVideoQA(seed=seed + 2000, n=plan.videos_eval, size=VIEW_SIZE, fps=VIDEO_FPS))
     held_out = {"docs": docs_eval, "videos": eval_videos,
                 "video_meta": [{"task": s.task, "answer": s.answer} for s in map(videos.scene, range(len(videos)))],

@@ -110,21 +110,3 @@ def test_cli_bad_arguments_fail_clearly(tmp_path, capsys):
     assert "not a directory" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--synthetic", "1", "--pdf", "x", "--out", str(tmp_path)])
-
-
-def test_stream_yields_the_same_samples_with_dataloader_workers():
-    import torch
-
-    from vlmcook.data.docs.pipeline import Source
-    from vlmcook.data.docs.stream import DocStream
-
-    ds = DocStream(Source(synthetic=4), seed=2)
-    direct = {s["id"]: s for s in ds}
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=2)
-    viaworkers = {s["id"]: s for s in loader}
-    assert sorted(direct) == sorted(viaworkers) == [f"synthetic:{i}" for i in range(4)]
-    for k in direct:
-        assert direct[k]["messages"] == viaworkers[k]["messages"]
-        assert np.array_equal(np.asarray(direct[k]["images"][0]), np.asarray(viaworkers[k]["images"][0]))
-    half = DocStream(Source(synthetic=4), seed=2, rank=1, world_size=2)
-    assert [s["id"] for s in half] == ["synthetic:1", "synthetic:3"]

@@ -1,5 +1,5 @@
 """`vlmcook eval`: standard benchmarks from their published files, scored by their official rules, on the model
-or on any OpenAI-compatible endpoint; `--compare` puts several runs side by side. The lead mounts `add_parser`."""
+or on any OpenAI-compatible endpoint; `--compare` puts several runs side by side."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 Notable:
 - Inputs pass straight to the processor, which validates them (docs/architecture.md); this module adds sampling.
-- Defaults are the release's `chat()` presets per mode (docs/reference.md 8.3, `PRESETS`); any argument given
+- Defaults are the release's `chat()` presets per mode (docs/reference.md 8.3, `SAMPLING_PRESETS`); any argument given
   wins; temperature=0 is greedy; unseeded sampling draws its seed from torch's global RNG.
 - The reasoning/answer split (`split_output`): long mode splits at the first `</think>`; an unclosed block is all
   reasoning. Short mode is all answer unless the model opens a `<think>` block first. Leftover tags never reach
@@ -28,7 +28,7 @@ from vlmcook.infer.engine import Engine, Generation, SamplingParams
 
 DEFAULT_MODEL_DIR = Path("runs") / "demo" / "model"  # the main job's checkpoint, relative to the current directory
 DEFAULT_MAX_NEW_TOKENS = 2048
-PRESETS = {  # docs/reference.md 8.3: the release's sampling presets per mode
+SAMPLING_PRESETS = {  # docs/reference.md 8.3: the release's sampling presets per mode
     False: dict(temperature=0.7, top_p=0.8, top_k=100, repetition_penalty=1.03),
     True: dict(temperature=0.7, top_p=1.0, top_k=50, repetition_penalty=1.0),
 }
@@ -162,7 +162,7 @@ class ChatModel:
              packing: int | None = None, max_visual_tokens: int | None = None,
              max_slice_nums: int | None = None) -> ChatResult | Iterator[ChatChunk]:
         """Answer a conversation (a str = one user message; else the processor's message format). Sampling
-        arguments left None take the mode's preset (PRESETS); max_new_tokens None = DEFAULT_MAX_NEW_TOKENS cut to
+        arguments left None take the mode's preset (SAMPLING_PRESETS); max_new_tokens None = DEFAULT_MAX_NEW_TOKENS cut to
         the context left, an explicit value that does not fit raises ContextLengthError. Video knobs fill every
         video item that does not set its own. stream=True returns an iterator of ChatChunk whose last chunk
         carries the ChatResult; bad input raises here, before any chunk."""
@@ -210,7 +210,7 @@ class ChatModel:
             raise ValueError(f"thinking must be True or False, got {thinking!r}")
         if think_budget is not None and not thinking:
             raise ValueError("think_budget only applies with thinking=True (short mode has no think block)")
-        preset = PRESETS[thinking]
+        preset = SAMPLING_PRESETS[thinking]
         given = dict(temperature=temperature, top_p=top_p, top_k=top_k, repetition_penalty=repetition_penalty)
         sampling = {k: preset[k] if v is None else v for k, v in given.items()}
         params = SamplingParams(max_new_tokens=DEFAULT_MAX_NEW_TOKENS if max_new_tokens is None else max_new_tokens,

@@ -23,9 +23,6 @@ import torch.nn.functional as F
 
 # Released names: llm.model.layers.{i}.self_attn.{q,k,v,o}_proj
 DEFAULT_TARGETS = r"^llm\.model\.layers\.\d+\.self_attn\.(q|k|v|o)_proj$"
-# Opt-in extras: vision attention projections and the resampler's kv projection.
-VISION_TARGETS = r"^vpm\.encoder\.layers\.\d+\.self_attn\.(q|k|v|out)_proj$"
-RESAMPLER_TARGETS = r"^resampler\.kv_proj$"
 
 
 class LoRALinear(nn.Linear):

@@ -4,7 +4,7 @@
                       [--level-weights 0.4,0.3,0.3] [--seed S] [--workers W] ...
 
 Writes `DIR/samples.jsonl`, `DIR/images/`, `DIR/summary.json` and `DIR/contact_sheet.png`, prints a summary.
-The lead mounts it with `add_parser(data_subparsers)` and `run(args)`; `python -m vlmcook.data.docs.cli` works too.
+`python -m vlmcook.data.docs.cli` works too.
 """
 
 from __future__ import annotations
