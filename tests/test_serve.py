@@ -28,7 +28,6 @@ from media import write_video  # noqa: E402
 from vlmcook.checkpoint import save_model  # noqa: E402
 from vlmcook.config import PRESETS  # noqa: E402
 from vlmcook.data.chat import EMPTY_THINK  # noqa: E402
-from vlmcook.data.synth_video import encode_mp4  # noqa: E402
 from vlmcook.data.tokenizer import Tokenizer  # noqa: E402
 from vlmcook.infer.api import ChatModel  # noqa: E402
 from vlmcook.infer.serve import ServeSettings, Worker, create_app  # noqa: E402
@@ -48,7 +47,8 @@ def png_bytes(size=(100, 80), color=(200, 30, 30)) -> bytes:
 def mp4_bytes(n=10, fps=10) -> bytes:
     """1 s at 10 fps, 64x48: at the default 5 fps the sampler takes 5 frames."""
     pytest.importorskip("av")
-    return encode_mp4([Image.new("RGB", (64, 48), (25 * i, 80, 160)) for i in range(n)], fps, codec="mpeg4")
+    frames = [Image.new("RGB", (64, 48), (25 * i, 80, 160)) for i in range(n)]
+    return write_video(None, frames, fps, codec="mpeg4", container="mp4")
 
 
 def data_url(data: bytes, mime: str) -> str:
