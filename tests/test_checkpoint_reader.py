@@ -52,6 +52,7 @@ CASES = {  # name: (file bytes, message, does the safetensors library refuse it 
     "header not JSON": (st_file(b"{not json}"), "not valid JSON", True),
     "header not UTF-8": (st_file(b'{"\xff": 1}'), "not valid JSON", True),
     "header a JSON list": (st_file(b"[]"), "does not start with", True),
+    "header nested too deep": (st_file(b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}"), "not valid JSON", True),
     "header with NaN": (st_file(b'{"__metadata__": {"x": NaN}}'), "NaN is not a JSON number", True),
     "metadata not strings": (st_file({"__metadata__": {"x": 1}}), "__metadata__ must map strings", True),
     "unknown dtype": (st_file({"a": entry(dtype="F4", offsets=(0, 1))}, b"\0"), "tensor 'a': unknown dtype 'F4'",
