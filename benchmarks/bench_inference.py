@@ -24,7 +24,6 @@ import argparse
 import sys
 import tempfile
 import time
-from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +31,8 @@ import torch
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from media import write_video  # noqa: E402
 from vlmcook.config import LLMConfig, MiniCPMVConfig, ResamplerConfig, VisionConfig  # noqa: E402
 from vlmcook.data.tokenizer import Tokenizer  # noqa: E402
 from vlmcook.infer import ChatModel, Engine, SamplingParams  # noqa: E402
@@ -115,26 +116,12 @@ def ttft_section(chat: ChatModel) -> None:
           f"{t_img / t_text:8.2f}")
 
 
-def write_video(path: Path, seconds=60, fps=10, w=320, h=240) -> Path:
-    import av
-
+def scrolling_video(path: Path, seconds=60, fps=10, w=320, h=240) -> Path:
     yy, xx = np.mgrid[0:h, 0:w]
     base = ((np.sin(xx / 17.0) + np.cos(yy / 11.0)) * 60 + 128).astype(np.uint8)
-    c = av.open(str(path), "w")
-    s = c.add_stream("libx264", rate=fps)
-    s.width, s.height, s.pix_fmt = w, h, "yuv420p"
-    s.codec_context.time_base = Fraction(1, fps)
-    s.options = {"preset": "ultrafast"}
-    for i in range(seconds * fps):
-        y = np.roll(base, 3 * i, axis=1)
-        frame = av.VideoFrame.from_ndarray(np.stack([y, np.roll(y, 40, 0), 255 - y], -1), format="rgb24")
-        frame.pts, frame.time_base = i, Fraction(1, fps)
-        for p in s.encode(frame):
-            c.mux(p)
-    for p in s.encode():
-        c.mux(p)
-    c.close()
-    return path
+    frames = (np.stack([y, np.roll(y, 40, 0), 255 - y], -1)
+              for y in (np.roll(base, 3 * i, axis=1) for i in range(seconds * fps)))
+    return write_video(path, frames, fps, options={"preset": "ultrafast"})
 
 
 def video_section(chat: ChatModel, video: Path, fps: float) -> None:
@@ -183,7 +170,7 @@ def main() -> None:
     ttft_section(chat)
     with tempfile.TemporaryDirectory() as d:
         t0 = time.perf_counter()
-        video = write_video(Path(d) / "minute.mp4")
+        video = scrolling_video(Path(d) / "minute.mp4")
         print(f"\n(wrote the test video in {time.perf_counter() - t0:.1f} s)")
         video_section(chat, video, args.video_fps)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")

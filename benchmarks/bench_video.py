@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 import av  # noqa: E402
+from media import write_video  # noqa: E402
 
 from vlmcook.data.video import load_video, plan_frames, probe_video  # noqa: E402
 
@@ -53,16 +55,7 @@ def _encode(path: Path, seconds: int, fps: int, gop: int, preset: str, scroll: i
     print(f"  encoding {path.name}: {seconds} s {W}x{H} @ {fps} fps, keyint {gop}, x264 {preset} ...", flush=True)
     t0 = time.perf_counter()
     tmp = path.with_suffix(".part.mp4")
-    with av.open(str(tmp), "w") as c:
-        s = c.add_stream("libx264", rate=fps)
-        s.width, s.height, s.pix_fmt = W, H, "yuv420p"
-        s.codec_context.gop_size = gop
-        s.options = {"preset": preset, "keyint": str(gop), "min-keyint": str(gop), "scenecut": "0"}
-        for frame in _frames(seconds * fps, scroll):
-            for p in s.encode(frame):
-                c.mux(p)
-        for p in s.encode():
-            c.mux(p)
+    write_video(tmp, _frames(seconds * fps, scroll), fps, gop=gop, options={"preset": preset})
     tmp.rename(path)
     print(f"  ... {time.perf_counter() - t0:.0f} s", flush=True)
     return path
