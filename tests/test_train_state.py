@@ -15,33 +15,18 @@ from safetensors.torch import load_file, save_file
 
 from vlmcook.checkpoint import CheckpointError
 from vlmcook.config import MiniCPMVConfig
-from vlmcook.model.minicpmv import MiniCPMV
 from vlmcook.train import common as C
 from vlmcook.train import state as S
 from vlmcook.train.loop import TrainConfig, train
 
+from test_train_loop import make_batch, model
+
 CFG = MiniCPMVConfig.from_name("tiny")
-
-
-def make_batch(seed: int) -> dict:
-    """Random ids with an 8-token visual span [2, 10) (tiny query_num = 8), labels on the tail."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(10, 500, (1, 20), generator=g)
-    labels = ids.clone()
-    labels[:, :12] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-            "pixel_values": [[torch.rand(3, 28, 28, generator=g) * 2 - 1]], "temporal_ids": [[[-1]]],
-            "image_bound": [torch.tensor([[2, 10]])]}
 
 
 def train_cfg(out, **kw) -> TrainConfig:
     return TrainConfig(**{**dict(stage="sft", steps=2, lr=1e-3, schedule="constant", out_dir=str(out), save_every=1,
                                  log_every=0), **kw})
-
-
-def model(seed: int = 0) -> MiniCPMV:
-    torch.manual_seed(seed)
-    return MiniCPMV(CFG)
 
 
 def resume_parts(folder, cfg):
@@ -59,7 +44,7 @@ def resume_parts(folder, cfg):
 def run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
     cfg = train_cfg(out)
-    train(cfg, model(), [make_batch(0), make_batch(1)])
+    train(cfg, model(), [make_batch(0, B=1), make_batch(1, B=1)])
     return out, cfg
 
 
@@ -85,7 +70,7 @@ def test_state_round_trips_exactly(run):
     m, opt = resume_parts(folder, cfg)
     # The optimizer the loop had at step 2, rebuilt independently by continuing the uninterrupted run.
     ref = model()
-    train(train_cfg(out / "ref", steps=2, save_every=0, out_dir=None), ref, [make_batch(0), make_batch(1)])
+    train(train_cfg(None, save_every=0, out_dir=None), ref, [make_batch(0, B=1), make_batch(1, B=1)])
     assert all(torch.equal(a, b) for a, b in zip(ref.state_dict().values(), m.state_dict().values()))
     saved = load_file(folder / S.STATE_TENSORS)
     names = {id(p): n for n, p in m.named_parameters()}

@@ -10,32 +10,13 @@ import pytest
 import torch
 
 from vlmcook.checkpoint import save_model
-from vlmcook.config import MiniCPMVConfig
-from vlmcook.model.minicpmv import MiniCPMV
 from vlmcook.train import state as S
 from vlmcook.train.loop import TrainConfig, train
 
-CFG = MiniCPMVConfig.from_name("tiny")
+from test_train_loop import make_batch, model
+
 OPS = ("fsync", "rename", "replace")  # the operations that make a save durable or visible
-
-
-def make_batch(seed: int) -> dict:
-    """Random ids with an 8-token visual span [2, 10) (tiny query_num = 8), labels on the tail."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(10, 500, (1, 20), generator=g)
-    labels = ids.clone()
-    labels[:, :12] = -100
-    return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels,
-            "pixel_values": [[torch.rand(3, 28, 28, generator=g) * 2 - 1]], "temporal_ids": [[[-1]]],
-            "image_bound": [torch.tensor([[2, 10]])]}
-
-
-BATCHES = [make_batch(i) for i in range(3)]
-
-
-def model(seed: int = 0) -> MiniCPMV:
-    torch.manual_seed(seed)
-    return MiniCPMV(CFG)
+BATCHES = [make_batch(i, B=1) for i in range(3)]
 
 
 def cfg_for(out, **kw) -> TrainConfig:
