@@ -357,9 +357,9 @@ class VideoFile:
         av = _import_av()
         try:
             frame = next(self._container.decode(self._stream), None)
-        except av.FFmpegError:
+            degrees = 0 if frame is None else frame.rotation
+        except (av.FFmpegError, ValueError):  # ValueError: PyAV's int() of a singular matrix's NaN angle
             return 0
-        degrees = 0 if frame is None else frame.rotation
         quarter = round(degrees / 90)
         if abs(degrees - 90 * quarter) > 2:  # PyAV truncates the matrix's angle to an int: allow a little
             raise VideoError(f"{self.name}: display rotation of {degrees} degrees is not a multiple of 90 "
