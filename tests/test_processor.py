@@ -417,3 +417,21 @@ def test_bad_inputs(tiny, tmp_path):
         tiny([{"role": "user", "content": [_img(20, 20)]}], max_slice_nums=0)
     with pytest.raises(ValueError, match="non-empty list"):
         tiny([])
+
+
+def test_a_video_is_opened_once_per_call(tiny, tmp_path, monkeypatch):
+    """Probe, plan and decode share one opened container: av.open runs once per video per processor call."""
+    import av
+
+    from media import write_video
+
+    path = write_video(tmp_path / "clip.mp4", [Image.new("RGB", (64, 48), (20 * k, 0, 0)) for k in range(20)], fps=10)
+    calls = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: calls.append(a) or real_open(*a, **k))
+    msgs = [{"role": "user", "content": [{"type": "video", "video": str(path), "fps": 5}, "What happens?"]}]
+    out = tiny(msgs)
+    assert len(calls) == 1 and out["count"].items[0].packages == len(out["temporal_ids"][0]) > 1
+    calls.clear()
+    tiny.count_tokens(msgs)
+    assert len(calls) == 1

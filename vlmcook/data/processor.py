@@ -74,6 +74,7 @@ class _Planned:
     plan: Any = None  # video file: the FramePlan to decode
     spans: list[tuple[float, float]] | None = None  # video: (first, last) frame time of each package, seconds
     pixels: int = 0  # decoded RGB pixels this visual will hold
+    file: Any = None  # video file: the opened VideoFile (probed once, decoded from the same container)
 
 
 @dataclass(frozen=True)
@@ -286,17 +287,23 @@ class Processor:
             vid._check_knobs(**knobs, query_num=self.query_num)
         except ValueError as e:
             raise ValueError(f"{v.where}: {e}") from None
-        info = vid.probe_video(v.src)
-        layout = self._layout((info.width, info.height), slices)
-        if knobs["max_visual_tokens"] is not None:
-            per_package = layout.n_views * self.query_num
-            if knobs["max_visual_tokens"] < per_package:
-                raise ValueError(f"{v.where}: max_visual_tokens={knobs['max_visual_tokens']} cannot hold one "
-                                 f"package ({layout.n_views} views x {self.query_num} tokens)")
-            knobs["max_visual_tokens"] //= layout.n_views  # the video planner counts one view per frame
-        plan = vid.plan_frames(info, query_num=self.query_num, **knobs)
-        v.opts["_knobs"] = knobs  # TODO(open once): the video module's handle replaces this
-        return self._planned_video(v, layout, plan, use_id, pixels=info.width * info.height * len(plan.frame_indices))
+        video = vid.open_video(v.src)  # closed by _build, after decoding (or right after planning)
+        try:
+            info = video.info
+            layout = self._layout((info.width, info.height), slices)
+            if knobs["max_visual_tokens"] is not None:
+                per_package = layout.n_views * self.query_num
+                if knobs["max_visual_tokens"] < per_package:
+                    raise ValueError(f"{v.where}: max_visual_tokens={knobs['max_visual_tokens']} cannot hold one "
+                                     f"package ({layout.n_views} views x {self.query_num} tokens)")
+                knobs["max_visual_tokens"] //= layout.n_views  # the video planner counts one view per frame
+            plan = video.plan(query_num=self.query_num, **knobs)
+        except BaseException:
+            video.close()
+            raise
+        p = self._planned_video(v, layout, plan, use_id, pixels=info.width * info.height * len(plan.frame_indices))
+        p.file = video
+        return p
 
     def _planned_video(self, v, layout, plan, use_id, frames=None, pixels: int = 0) -> _Planned:
         times = dict(zip(plan.temporal_ids, plan.timestamps))
@@ -351,11 +358,9 @@ class Processor:
         return views, packages
 
     def _decode_video(self, p: _Planned) -> _Planned:
-        """Decode a planned video file. The data may end before the header said (a truncated file): the video
-        module then re-plans for the decodable prefix with a warning, and so do we."""
-        from vlmcook.data import video as vid
-
-        clip = vid.load_video(p.visual.src, query_num=self.query_num, **p.visual.opts["_knobs"])
+        """Decode a planned video file from its open container. The data may end before the header said (a
+        truncated file): the video module then re-plans for the decodable prefix with a warning, and so do we."""
+        clip = p.file.decode(p.plan)
         if clip.plan == p.plan:
             p.frames = clip.frames
             return p
@@ -376,8 +381,19 @@ class Processor:
         if len(chunks) - 1 != len(visuals):
             raise ValueError(f"the rendered prompt keeps {len(chunks) - 1} of {len(visuals)} images/videos: a marker "
                              f"inside an earlier assistant turn's reasoning is dropped by the chat template")
-        planned = [self._plan_image(v, slices, use_id) if v.kind == "image"
-                   else self._plan_video(v, max_slice_nums, use_image_id) for v in visuals]
+        planned = []
+        try:
+            for v in visuals:
+                planned.append(self._plan_image(v, slices, use_id) if v.kind == "image"
+                               else self._plan_video(v, max_slice_nums, use_image_id))
+            return self._layout_ids(planned, chunks, max_length, reserve, decode)
+        finally:
+            for p in planned:
+                if p.file is not None:
+                    p.file.close()
+
+    def _layout_ids(self, planned: list[_Planned], chunks: list[str], max_length, reserve, decode: bool):
+        """Checks (pixels, length) from the plans, then decodes videos (`decode`) and returns the ids."""
         pixels = sum(p.pixels for p in planned)
         if pixels > self.max_pixels:
             raise ValueError(f"the images and video frames of this prompt hold {pixels:,} pixels, more than the "
