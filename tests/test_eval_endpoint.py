@@ -126,3 +126,15 @@ def test_probe_failure_is_a_clear_error():
         return httpx.Response(400, json={"error": {"message": "repetition_penalty: unsupported"}})
     with pytest.raises(ValueError, match="repetition_penalty"):
         EndpointBackend("http://x", Gen(), client=httpx.Client(transport=httpx.MockTransport(handle)))
+
+
+def test_error_inside_the_stream_is_the_samples_error():
+    def handle(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "m"}]})
+        if json.loads(request.content)["max_tokens"] == 1:  # the probe
+            return httpx.Response(200, text="data: [DONE]\n\n")
+        return httpx.Response(200, text='data: {"error": {"message": "engine died"}}\n\n')
+    backend = EndpointBackend("http://x", Gen(), client=httpx.Client(transport=httpx.MockTransport(handle)))
+    out = backend.generate([([{"role": "user", "content": "hi"}], 0)])[0]
+    assert out.error == "stream error: engine died"

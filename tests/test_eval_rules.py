@@ -78,7 +78,7 @@ def test_mmmu_open_question_becomes_two_choices():
     assert task.truth({"answer": "C", "A": "x"}) == "C"
 
 
-# ---- OCRBench ---------------------------------------------------------------------------------------------------------
+# ---- OCRBench -------------------------------------------------------------------------------------------------------
 def test_ocrbench_matching():
     assert ocrbench_hit("The word is centre.", ["CENTRE"], "Regular Text Recognition")  # lower-cased substring
     assert not ocrbench_hit("enemy", ["FRIEND"], "Irregular Text Recognition")

@@ -169,7 +169,10 @@ class EndpointBackend:
             r = self.client.get(f"{self.base}/models")
         except self.httpx.HTTPError as e:
             raise EndpointUnreachable(f"--endpoint: cannot reach {self.base}/models ({e})") from None
-        models = (r.json().get("data") or []) if r.status_code == 200 else []
+        try:
+            models = (r.json().get("data") or []) if r.status_code == 200 else []
+        except (ValueError, AttributeError):  # not the OpenAI /models shape
+            models = []
         if not models or not isinstance(models[0], dict) or "id" not in models[0]:
             raise ValueError(f"--endpoint: {self.base}/models gave no model id (HTTP {r.status_code}); pass "
                              f"--endpoint-model NAME")
@@ -197,7 +200,9 @@ class EndpointBackend:
         return False, f"refused by the endpoint, not sent: {msg[:200]}"
 
     def _tiny(self, extra: dict) -> tuple[int, str]:
-        body = {**self._common(0, 1), "messages": [{"role": "user", "content": "Hi"}], **extra}
+        """A one-token request shaped like the real ones (streamed, with usage), plus `extra` fields."""
+        body = {**self._common(0, 1), "messages": [{"role": "user", "content": "Hi"}], "stream": True,
+                "stream_options": {"include_usage": True}, **extra}
         try:
             r = self.client.post(f"{self.base}/chat/completions", json=body)
         except self.httpx.HTTPError as e:
@@ -258,6 +263,8 @@ class EndpointBackend:
                     if not line.startswith("data:") or line[5:].strip() == "[DONE]":
                         continue
                     chunk = json.loads(line[5:])
+                    if chunk.get("error"):  # a server may report a failure inside the stream
+                        return Output(error=f"stream error: {_error_message(json.dumps(chunk))}")
                     if _add_chunk(out, chunk) and first is None:
                         first = time.perf_counter()
         except self.httpx.ConnectError as e:

@@ -84,6 +84,7 @@ def run(cfg: EvalConfig, backend=None, progress: bool = True) -> dict:
     todo = [it for it in items if it.id not in done or done[it.id].get("error") is not None]
     if todo:
         backend = backend or make_backend(cfg, max_new)
+        _write_json(out / "run.json", {"settings": settings, "sessions": sessions})  # pinned before predictions
         sessions.append(_session(task, backend, todo, items, done, pred_path, cfg, len(sessions), progress))
         _write_json(out / "run.json", {"settings": settings, "sessions": sessions})
     ids = {it.id for it in items}
@@ -297,13 +298,14 @@ def report(scores: dict) -> str:
             lines += ["", f"Over the {scores['answered_n']} questions with an extracted letter only (the official "
                           f"Video-MME script's denominator): {_fmt(scores['answered_overall'])}."]
         lines += _groups(scores.get("by", {}))
-    lines += ["", "## Efficiency", "", "| samples generated | wall s | samples/s | visual tok/sample | prompt tok/sample "
+    lines += ["", "## Efficiency", "",
+              "| samples generated | wall s | samples/s | visual tok/sample | prompt tok/sample "
               "| generated tok/sample | prefill s (batches) | decode s (batches) | peak memory |",
               "|---|---|---|---|---|---|---|---|---|",
               f"| {e['samples_generated']} | {_fmt(e['wall_s'], 1)} | {_fmt(e['samples_per_s'], 3)} | "
               f"{_fmt(e['visual_tokens']['mean'], 1)} | {_fmt(e['prompt_tokens']['mean'], 1)} | "
-              f"{_fmt(e['generated_tokens']['mean'], 1)} | {_fmt(e['prefill_s']['batch_total'], 1)} | "
-              f"{_fmt(e['decode_s']['batch_total'], 1)} | {_memory(e['peak_memory'])} |"]
+              f"{_fmt(e['generated_tokens']['mean'], 1)} | {_fmt(e['prefill_s']['batch_total'], 3)} | "
+              f"{_fmt(e['decode_s']['batch_total'], 3)} | {_memory(e['peak_memory'])} |"]
     return "\n".join(lines) + "\n"
 
 

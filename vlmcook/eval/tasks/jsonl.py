@@ -137,7 +137,7 @@ class JsonlTask:
         if v == "cer":
             return {"extracted": answer, "score": cer(answer, refs[0])}
         if v == "number":
-            tol = float(item.row.get("tolerance", 0.0))
+            tol = float(item.row.get("tolerance") or 0.0)
             s = max(verify_number(answer, r, abs_tol=tol) for r in refs)
         elif v == "choice":
             s = verify_choice(answer, refs[0])
