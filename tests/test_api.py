@@ -1,4 +1,4 @@
-"""Chat API: prefill strings (spec vector 15), reasoning/answer split, streaming == non-streaming (UTF-8 safe),
+"""Chat API: prefill strings (docs/reference.md 11.15), reasoning/answer split, streaming == non-streaming (UTF-8 safe),
 batch == single, multi-turn, video knobs, loading. Scripted fake model (test_engine.ScriptedModel) where the output
 must be known; tiny random-weight MiniCPMV elsewhere (no test relies on its text)."""
 

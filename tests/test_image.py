@@ -1,4 +1,4 @@
-"""Image preprocessing: spec 6 parity vectors (hand-derived numbers in spec section 11), pixels against an
+"""Image preprocessing: docs/reference.md 6 parity vectors (hand-derived numbers in docs/reference.md 11), pixels against an
 independent re-statement of the released steps, slice order, normalisation, tiny and bad inputs."""
 
 import io
@@ -26,7 +26,7 @@ def test_ensure_divide_bankers_rounding():
 
 
 def test_best_resize_truncates():
-    # spec vector 1: r = 1.667, H' = int(448 / 1.291) = 347, W' = int(578.3) = 578 -> 574 x 350
+    # docs/reference.md 11.1: r = 1.667, H' = int(448 / 1.291) = 347, W' = int(578.3) = 578 -> 574 x 350
     assert im.best_resize((1000, 600)) == (574, 350)
     assert im.best_resize((448, 448)) == (448, 448)
     assert im.best_resize((224, 224)) == (224, 224)  # small and no upscale: kept
@@ -85,7 +85,7 @@ def test_every_view_is_patch_aligned_and_bounded():
 
 # ---- pixels -------------------------------------------------------------------------------------------------------
 def _reference_views(img, scale=448, max_slice=9):
-    """Independent re-statement of the released steps (spec 6.3): resize source, resize refine, crop in Python
+    """Independent re-statement of the released steps (docs/reference.md 6.3): resize source, resize refine, crop in Python
     loops, float32 /255, (x - 0.5) / 0.5, channels first."""
     grid = im.slice_grid(img.size, scale, max_slice)
     out = []
@@ -148,7 +148,7 @@ def test_portrait_two_rows_top_then_bottom():
 
 @pytest.mark.parametrize("size", [(1, 1), (1, 3), (3, 1), (2, 2), (3, 3), (1, 500), (700, 2)])
 def test_tiny_sides_work(size):
-    # The release infers the channel layout from array shapes and breaks on 1- and 3-px sides (spec 10 item 18).
+    # The release infers the channel layout from array shapes and breaks on 1- and 3-px sides (docs/reference.md 10.18).
     for src in (_rand_image(*size), np.zeros((size[1], size[0], 3), np.uint8), np.zeros((size[1], size[0]), np.uint8)):
         got = im.preprocess_image(src)
         assert got.views and all(v.shape[0] == 3 and v.shape[1] % 14 == 0 and v.shape[2] % 14 == 0

@@ -1,6 +1,6 @@
 """The hybrid short/long GRPO loop, in plain sight: rollouts -> rewards -> advantages -> mini-batch updates.
 
-Per step (reference-training-recipe.md 4.1, 7): `prompts_per_step` prompts (global), each in a mode drawn with
+Per step (docs/reference.md R4.1, R7): `prompts_per_step` prompts (global), each in a mode drawn with
 `long_share`, G samples each at temperature 1.0 (rollout.py); composite rewards (rewards.py); group advantages;
 zero-variance groups (and, optionally, RLPR's std filter) dropped; then `epochs` x `mini_batches` optimizer steps
 of the clipped token-mean surrogate (grpo.py) against the log-probs the rollout policy gave.
