@@ -202,27 +202,30 @@ def test_cache_select_keeps_and_reorders_rows(pair):
     torch.testing.assert_close(out, hf_logits(hf, ids, mask)[:, -2:], rtol=1e-5, atol=1e-5)
 
 
-def test_cache_overflow_raises_clear_error(pair):
+def test_cache_overflow_is_asserted(pair):
     _, ours = pair
     cache = KVCache(CFG, batch_size=1, max_len=5)
     with torch.no_grad():
         ours(torch.zeros(1, 4, dtype=torch.long), cache=cache)
-        with pytest.raises(ValueError, match=r"KVCache overflow.*holds 4 of max_len 5.*take 2 more"):
+        with pytest.raises(AssertionError, match=r"KVCache overflow: 4 \+ 2 > max_len 5"):
             ours(torch.zeros(1, 2, dtype=torch.long), cache=cache)
     assert cache.length == 4  # the failed call changed nothing
 
 
-def test_bad_inputs_raise(pair):
+def test_shape_contracts_are_asserted(pair):
+    """Each of these would otherwise broadcast or be ignored silently (ids beside embeds, a [1, ...] tensor over B)."""
     _, ours = pair
     ids = torch.zeros(2, 4, dtype=torch.long)
-    with pytest.raises(ValueError, match="exactly one of input_ids"):
+    with pytest.raises(AssertionError, match="exactly one of input_ids"):
         ours(ids, inputs_embeds=torch.zeros(2, 4, CFG.hidden_size))
-    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\).*\[2, 4\]"):
-        ours(ids, attention_mask=torch.ones(2, 3))
-    with pytest.raises(ValueError, match="batch size 2 but the KVCache holds 3 rows"):
-        ours(ids, cache=KVCache(CFG, 3, 8))
-    with pytest.raises(ValueError, match=r"position_ids has shape \(2, 5\)"):
-        ours(ids, position_ids=torch.zeros(2, 5, dtype=torch.long))
+    with pytest.raises(AssertionError, match=r"attention_mask \(1, 4\), past 0"):
+        ours(ids, attention_mask=torch.ones(1, 4))
+    with pytest.raises(AssertionError, match="batch 2, KVCache rows 1"):
+        ours(ids, cache=KVCache(CFG, 1, 8))
+    with pytest.raises(AssertionError, match=r"position_ids \(2, 1\), x 2x4"):
+        ours(ids, position_ids=torch.zeros(2, 1, dtype=torch.long))
+    with pytest.raises(AssertionError, match=r"rows \[-1\] of 2"):
+        KVCache(CFG, 2, 8).select([-1])
 
 
 # ---- bf16 -----------------------------------------------------------------------------------------------------

@@ -104,16 +104,22 @@ def test_embed_scatters_packages_in_order_and_batch_split_is_per_package():
         torch.testing.assert_close(emb[b, ~mask], text[b, ~mask])  # text untouched
 
 
-def test_bound_count_mismatch_is_an_error():
+def test_bound_mismatch_is_asserted_never_a_partial_scatter():
     model = _tiny()
     Q = model.config.query_num
     ids, bounds = _sample(2, [[-1]], Q, 100, 0)
-    bad = torch.tensor([[bounds[0][0], bounds[0][1] - 1]])
-    with pytest.raises(ValueError, match="sample 0: image_bound covers"):
-        model.embed(torch.tensor([ids]), [_views([(2, 2)])], [[[-1]]], [bad])
-    with pytest.raises(ValueError, match="not a list of non-empty spans"):
-        model.embed(torch.tensor([ids]), [_views([(2, 2)])], [[[-1]]], [torch.tensor([[0, 10_000]])])
-    with pytest.raises(ValueError, match="packages cover"):
+    views, T = [_views([(2, 2)])], len(ids)
+    ids = torch.tensor([ids])
+    s, e = bounds[0]
+    with pytest.raises(AssertionError, match=rf"sample 0: image_bound covers {Q - 1} slots, 1 packages x {Q}"):
+        model.embed(ids, views, [[[-1]]], [torch.tensor([[s, e - 1]])])
+    # right count, wrong places: negative positions would index from the end, overlapping spans write twice
+    for bad in ([[-Q, 0]], [[s, s + 2], [s + 1, s + Q - 1]], [[T - Q + 1, T + 1]]):
+        with pytest.raises(AssertionError, match=rf"image_bound {re.escape(str(bad))}, T={T}"):
+            model.embed(ids, views, [[[-1]]], [torch.tensor(bad)])
+    with pytest.raises(AssertionError, match="image_bound without pixel_values"):
+        model.embed(ids, None, None, [torch.tensor([bounds[0]])])
+    with pytest.raises(AssertionError, match="packages cover 2 views, tgt_sizes 1"):
         model.encode_views(_views([(2, 2)]), [[-1], [-1]])
 
 

@@ -247,13 +247,13 @@ def test_gradients_reach_every_parameter_and_bf16_runs():
 # The processor validates user input; these internal invariants are asserted because breaking them would give a
 # silent wrong answer (views shifted between packages, NaN from a package without keys, -1 mixed with frame times).
 @pytest.mark.parametrize("x_rows,tgt,packages,match", [
-    (19, [(4, 5)], [[-1]], r"tgt_sizes \[\(4, 5\)\] vs 19 packed rows"),
+    (19, [(4, 5)], [[-1]], "tgt_sizes: 1 views of 20 patches, x has 19 rows"),
     (20, [(4, 5)], [[-1], [-1]], "packages cover 2 views, tgt_sizes 1"),
     (40, [(4, 5), (4, 5)], [[-1, -1, -1]], "packages cover 3 views, tgt_sizes 2"),
     (40, [(4, 5), (4, 5)], [[-1, 3]], r"package \[-1, 3\]: need all -1"),
     (40, [(4, 5), (4, 5)], [[-1], [-2]], r"package \[-2\]: need all -1"),
     (40, [(4, 5), (4, 5)], [[-1, -1], []], r"package \[\]: need all -1"),
-    (0, [(0, 5)], [[-1]], r"empty view in tgt_sizes \[\(0, 5\)\]"),
+    (0, [(0, 5)], [[-1]], "a view of 0 patches"),
 ])
 def test_broken_invariants_are_asserted(x_rows, tgt, packages, match):
     m = Resampler(CFG)

@@ -1,6 +1,5 @@
 """Qwen3 decoder (`llm`) with a preallocated KV cache.
 
-Notable:
 - Attribute names are the released checkpoint keys under `llm.` (`model.layers.i.self_attn.q_proj`, ...,
   `lm_head`); there are no buffers, so `state_dict()` holds exactly the released tensors.
 - Numerics follow the reference (HF Qwen3): RMSNorm in fp32 then cast back before the weight multiply; RoPE cos/sin
@@ -8,11 +7,11 @@ Notable:
 - Attention is `F.scaled_dot_product_attention` with `enable_gqa` (no repeated K/V). A padding mask (1 = real,
   0 = pad, any side) is combined with the causal mask; every query row also sees its own key, so a pad query never
   has a fully masked row (its output is finite garbage, real rows are unaffected).
-- `KVCache` preallocates `[B, kv_heads, max_len, head_dim]` per layer and also remembers which cached positions are
-  real tokens, so decode steps need no mask and default positions stay right for left-padded rows.
-- `Qwen3Model.gradient_checkpointing` (plain bool) recomputes each layer in backward when training.
+- `KVCache` preallocates `[B, kv_heads, max_len, head_dim]` per layer and remembers which cached positions are real
+  tokens, so decode steps need no mask and default positions stay right for left-padded rows.
 - Sequence packing (training, no cache): `segment_ids [B, T]` (0 = padding, k = k-th sample of the row) gives a
   block-diagonal causal mask and, by default, positions restarting at 0 for each sample.
+- `Qwen3Model.gradient_checkpointing` (plain bool) recomputes each layer in backward when training.
 """
 
 from __future__ import annotations
@@ -84,9 +83,8 @@ class KVCache:
         """Claim the next t positions. key_mask [B, past+t] (None = the new tokens are real) overrides the stored
         mask. Returns (past length, padding mask [B, past+t] bool of everything cached so far)."""
         past = self.length
-        if past + t > self.max_len:
-            raise ValueError(f"KVCache overflow: it holds {past} of max_len {self.max_len} positions and cannot "
-                             f"take {t} more; allocate a larger cache")
+        # The mask write below would silently clip at max_len; the engine sizes the cache to prompt + max_new_tokens.
+        assert past + t <= self.max_len, f"KVCache overflow: {past} + {t} > max_len {self.max_len}"
         if key_mask is None:
             self.mask[:, past:past + t] = True
         else:
@@ -103,9 +101,9 @@ class KVCache:
     def select(self, rows: Sequence[int] | torch.Tensor) -> "KVCache":
         """Keep only these batch rows, in this order (drop finished requests or reorder). In place; returns self."""
         rows = torch.as_tensor(rows, dtype=torch.long, device=self.mask.device)
-        if rows.ndim != 1 or (rows.numel() and (rows.min() < 0 or rows.max() >= self.batch_size)):
-            raise ValueError(f"KVCache.select: rows {rows.tolist()} must be a 1-D list of indices in "
-                             f"[0, {self.batch_size})")
+        # a negative index would silently pick a row from the end
+        assert rows.ndim == 1 and bool(((rows >= 0) & (rows < self.batch_size)).all()), \
+            f"rows {rows.tolist()} of {self.batch_size}"
         self.k = [k[rows] for k in self.k]
         self.v = [v[rows] for v in self.v]
         self.mask = self.mask[rows]
@@ -238,9 +236,8 @@ class Qwen3Model(nn.Module):
     def _forward_packed(self, x: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None,
                         cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        if cache is not None or segment_ids.shape != (B, T):
-            raise ValueError(f"Qwen3Model.forward: segment_ids must be [B, T] = [{B}, {T}] (got "
-                             f"{tuple(segment_ids.shape)}) and are for training without a KVCache")
+        # this path never writes a cache: a cache given here would silently stay empty
+        assert cache is None and segment_ids.shape == (B, T), f"segment_ids {tuple(segment_ids.shape)}, x {B}x{T}"
         segment_ids = segment_ids.to(x.device)
         if position_ids is None:
             position_ids = segment_positions(segment_ids)
@@ -255,30 +252,19 @@ class Qwen3Model(nn.Module):
         return self.norm(x)
 
     def _embed(self, input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None) -> torch.Tensor:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("Qwen3Model.forward: give exactly one of input_ids [B, T] or inputs_embeds [B, T, D]")
-        if inputs_embeds is not None:
-            if inputs_embeds.ndim != 3 or inputs_embeds.shape[-1] != self.cfg.hidden_size:
-                raise ValueError(f"Qwen3Model.forward: inputs_embeds has shape {tuple(inputs_embeds.shape)}, "
-                                 f"expected [B, T, {self.cfg.hidden_size}]")
-            return inputs_embeds
-        if input_ids.ndim != 2:
-            raise ValueError(f"Qwen3Model.forward: input_ids has shape {tuple(input_ids.shape)}, expected [B, T]")
-        return self.embed_tokens(input_ids)
+        assert (input_ids is None) != (inputs_embeds is None), "give exactly one of input_ids, inputs_embeds"
+        return self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
 
     @staticmethod
     def _key_mask(attention_mask: torch.Tensor | None, cache: KVCache | None, B: int, T: int,
                   device: torch.device) -> torch.Tensor | None:
-        """Validate the padding mask; -> bool [B, past+T] (None = all real)."""
+        """-> the padding mask as bool [B, past+T] (None = all real)."""
+        # A [1, ...] tensor would broadcast silently over a batch of B (cache writes, masks): shapes are exact.
         past = cache.length if cache is not None else 0
-        if cache is not None and cache.batch_size != B:
-            raise ValueError(f"Qwen3Model.forward: batch size {B} but the KVCache holds {cache.batch_size} rows "
-                             f"(use cache.select(rows) to drop rows)")
+        assert cache is None or cache.batch_size == B, f"batch {B}, KVCache rows {cache.batch_size}"
         if attention_mask is None:
             return None
-        if attention_mask.shape != (B, past + T):
-            raise ValueError(f"Qwen3Model.forward: attention_mask has shape {tuple(attention_mask.shape)}, expected "
-                             f"[B, past + T] = [{B}, {past + T}] (past = {past} cached positions)")
+        assert attention_mask.shape == (B, past + T), f"attention_mask {tuple(attention_mask.shape)}, past {past}"
         return attention_mask.to(device=device, dtype=torch.bool)
 
     @staticmethod
@@ -288,9 +274,8 @@ class Qwen3Model(nn.Module):
         if position_ids is not None:
             if position_ids.ndim == 1:
                 position_ids = position_ids[None]
-            if position_ids.ndim != 2 or position_ids.shape[1] != T or position_ids.shape[0] not in (1, B):
-                raise ValueError(f"Qwen3Model.forward: position_ids has shape {tuple(position_ids.shape)}, "
-                                 f"expected [{B}, {T}]")
+            assert position_ids.ndim == 2 and position_ids.shape[1] == T and position_ids.shape[0] in (1, B), \
+                f"position_ids {tuple(position_ids.shape)}, x {B}x{T}"
             return position_ids.to(device).expand(B, T)
         if key_mask is None:  # no padding anywhere: arange continuing from the cache length
             return torch.arange(past, past + T, device=device)[None].expand(B, T)

@@ -6,8 +6,8 @@ Notable:
 - All views of a batch go through the vision tower packed (no padding), then through the resampler once; the outputs
   are split back per sample **by number of packages** (the reference splits by number of views, which misassigns
   video features for batch > 1: docs/reference.md 10.7).
-- Each sample's `<unk>` spans must hold exactly `packages * query_num` positions; anything else is an error, never a
-  silent partial scatter.
+- Each sample's `<unk>` spans must hold exactly `packages * query_num` positions (asserted: the processor builds
+  them; a partial scatter would be a silent wrong answer).
 - With labels, the LM head runs only on the positions that have a label: a 151k-wide vocabulary times every prompt
   position would otherwise dominate activation memory.
 """
@@ -45,8 +45,6 @@ class MiniCPMV(nn.Module):
     # ---- vision side ----------------------------------------------------------------------------------------
     def encode_views(self, views: list[torch.Tensor], packages: list[list[int]]) -> torch.Tensor:
         """views: V tensors [3, 14h, 14w]; packages: temporal-id lists consumed in order -> [G, Q, D]."""
-        if sum(len(p) for p in packages) != len(views):
-            raise ValueError(f"packages cover {sum(len(p) for p in packages)} views but {len(views)} were given")
         p = self.config.patch_size
         dtype = self.vpm.embeddings.patch_embedding.weight.dtype
         device = self.vpm.embeddings.patch_embedding.weight.device
@@ -67,13 +65,12 @@ class MiniCPMV(nn.Module):
         """Token embeddings [B, T, D] with every `<unk>` span overwritten by its resampler output, in order."""
         embeds = self.llm.model.embed_tokens(input_ids)
         if not pixel_values or not any(len(v) for v in pixel_values):
-            if image_bound is not None and any(len(b) for b in image_bound):
-                raise ValueError("image_bound marks visual slots but no pixel_values were given")
+            # else the `<unk>` slots would silently keep their text embeddings
+            assert image_bound is None or not any(len(b) for b in image_bound), "image_bound without pixel_values"
             return embeds
         B, T = input_ids.shape
-        if not (len(pixel_values) == len(temporal_ids) == len(image_bound) == B):
-            raise ValueError(f"batch of {B}: got {len(pixel_values)} pixel_values, {len(temporal_ids)} "
-                             f"temporal_ids and {len(image_bound)} image_bound lists")
+        assert len(pixel_values) == len(temporal_ids) == len(image_bound) == B, \
+            f"B={B}: {len(pixel_values)} pixel_values, {len(temporal_ids)} temporal_ids, {len(image_bound)} bounds"
         Q = self.config.query_num
         all_views = [v for views in pixel_values for v in views]
         all_packages = [p for packs in temporal_ids for p in packs]
@@ -84,10 +81,9 @@ class MiniCPMV(nn.Module):
             n = len(temporal_ids[b])
             feats = visual[start:start + n].reshape(n * Q, visual.shape[-1])  # [n*Q, D]; n = 0: a text-only row
             start += n
-            pos = _bound_positions(image_bound[b], T, b)
-            if pos.numel() != feats.shape[0]:
-                raise ValueError(f"sample {b}: image_bound covers {pos.numel()} positions but its {n} package(s) "
-                                 f"give {n} x {Q} = {feats.shape[0]} visual tokens")
+            pos = _bound_positions(image_bound[b], T)
+            # A mismatch could still broadcast (Q = 1) into the wrong number of slots: never scatter partially.
+            assert pos.numel() == n * Q, f"sample {b}: image_bound covers {pos.numel()} slots, {n} packages x {Q}"
             out[b, pos.to(out.device)] = feats
         return out
 
@@ -112,13 +108,12 @@ class MiniCPMV(nn.Module):
         return ModelOutput(logits=None, loss=F.cross_entropy(logits, targets[keep]), num_label_tokens=n)
 
 
-def _bound_positions(bounds, T: int, b: int) -> torch.Tensor:
-    """[n, 2] half-open spans -> the positions they cover, in order; validated against the sequence length."""
+def _bound_positions(bounds, T: int) -> torch.Tensor:
+    """[n, 2] half-open spans -> the positions they cover, in order."""
     bounds = torch.as_tensor(bounds, dtype=torch.long).reshape(-1, 2)
     if len(bounds) == 0:
         return torch.empty(0, dtype=torch.long)
-    if (bounds[:, 0] < 0).any() or (bounds[:, 1] > T).any() or (bounds[:, 1] <= bounds[:, 0]).any():
-        raise ValueError(f"sample {b}: image_bound {bounds.tolist()} is not a list of non-empty spans inside [0, {T})")
-    if len(bounds) > 1 and (bounds[1:, 0] < bounds[:-1, 1]).any():
-        raise ValueError(f"sample {b}: image_bound spans overlap or are out of order: {bounds.tolist()}")
+    # Sorted, disjoint spans inside [0, T): a negative position would index from the end, an overlap write twice.
+    flat = bounds.flatten()  # [s0, e0, s1, e1, ...] is non-decreasing exactly when the spans are
+    assert flat[0] >= 0 and flat[-1] <= T and bool((flat.diff() >= 0).all()), f"image_bound {bounds.tolist()}, T={T}"
     return torch.cat([torch.arange(s, e) for s, e in bounds.tolist()])

@@ -4,7 +4,7 @@
   u = LN_kv(kv_proj(x)); keys u + 2-D sincos(row, col) (+ temporal sincos(t) for frames, t >= 0); LN_post(attn) @ proj.
 - A *package* (temporal ids, docs/reference.md 5.4) is a run of consecutive views whose keys/values are concatenated
   view-major and attended jointly -> exactly one output. Images are packages `[-1]`. A package is all -1 or all
-  >= 0 (video frames); mixing them is an error (no processor produces it: ids were mis-assigned).
+  >= 0 (video frames); the processor builds them, the model asserts they never mix.
 - Sincos tables are computed on the fly for any size with the release's float32 arithmetic and order, so the bits
   match (**column first**, docs/reference.md 5.1); docs/architecture.md "Resampler numerics" says how.
 - Attention is our `PackedCrossAttention` over the released `attn.in_proj_weight/in_proj_bias/out_proj` (rows
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from functools import lru_cache
 
 import numpy as np
@@ -25,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmcook.config import ResamplerConfig
-from vlmcook.model.vision import check_packed
+from vlmcook.model.vision import packed_sizes
 
 
 # ---- sincos tables (numpy float32, as the reference computes them) --------------------------------------------
@@ -170,8 +169,14 @@ class Resampler(nn.Module):
                 packages: list[list[int]] | None = None) -> torch.Tensor:
         """x [N, kv_dim] packed views (row-major patches); tgt_sizes [V, 2] (h, w); packages: temporal-id lists
         consumed in order from the views (None = every view is an image `[-1]`) -> [G, Q, D], G = len(packages)."""
-        sizes = check_packed(x, tgt_sizes, self.cfg.kv_dim, "Resampler", "features")
-        packages = self._check_packages([[-1] for _ in sizes] if packages is None else packages, len(sizes))
+        sizes = packed_sizes(x, tgt_sizes)
+        packages = [[-1] for _ in sizes] if packages is None else packages
+        # Views are consumed package by package: a count mismatch would silently drop or shift views, an empty
+        # package would attend over no key (NaN), and -1 ("no temporal embedding") must not mix with frame times.
+        n = sum(len(p) for p in packages)
+        assert n == len(sizes), f"packages cover {n} views, tgt_sizes {len(sizes)}"
+        bad = [p for p in packages if not p or not (all(t == -1 for t in p) or all(t >= 0 for t in p))]
+        assert not bad, f"package {bad[0]}: need all -1 (image) or all >= 0 (frame times)"
         if not packages:
             return x.new_zeros(0, self.cfg.num_queries, self.cfg.embed_dim)
         q = self.ln_q(self.query)  # [Q, D], shared by every package
@@ -199,22 +204,3 @@ class Resampler(nn.Module):
             v, start = v + len(p), start + length
         out = self.attn(q, keys, u, spans)  # [G, Q, D]
         return self.ln_post(out) @ self.proj
-
-    def _check_packages(self, packages: list[list[int]], num_views: int) -> list[list[int]]:
-        """Validated packages as plain python ints (numpy ints accepted)."""
-        limit, out = self.cfg.max_frames_per_package, []
-        for g, p in enumerate(packages):
-            if not isinstance(p, (list, tuple)) or not p:
-                raise ValueError(f"Resampler: package {g} must be a non-empty list of temporal ids; got {p!r}")
-            if not all(isinstance(t, numbers.Integral) and not isinstance(t, bool) and t >= -1 for t in p):
-                raise ValueError(f"Resampler: package {g} has ids {p}; temporal ids are ints >= -1")
-            if len(p) > limit:
-                raise ValueError(f"Resampler: package {g} has {len(p)} views; max_frames_per_package is {limit}")
-            if -1 in p and any(t >= 0 for t in p):
-                raise ValueError(f"Resampler: package {g} mixes -1 (no temporal embedding) with temporal ids "
-                                 f">= 0: {list(p)}; a package is an image [-1] or video frames with ids >= 0")
-            out.append([int(t) for t in p])
-        total = sum(len(p) for p in out)
-        if total != num_views:
-            raise ValueError(f"Resampler: packages cover {total} views but tgt_sizes has {num_views}")
-        return out

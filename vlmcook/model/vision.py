@@ -26,11 +26,11 @@ from vlmcook.config import VisionConfig
 # ---- inputs -------------------------------------------------------------------------------------------------------
 def patchify(view: Tensor, patch: int = 14) -> Tensor:
     """[C, H, W] -> [h*w, C*P*P]: row-major patches, each flattened in the conv weight's (C, kh, kw) order."""
-    if view.ndim != 3:
-        raise ValueError(f"patchify expects one view [C, H, W], got shape {tuple(view.shape)}")
+    # Public helper (benchmarks and users call it on their own tensors): a ValueError, not an assert.
+    if view.ndim != 3 or view.shape[1] % patch or view.shape[2] % patch or 0 in view.shape[1:]:
+        raise ValueError(f"patchify expects one view [C, H, W] with H, W positive multiples of the patch size "
+                         f"{patch}, got shape {tuple(view.shape)}")
     c, H, W = view.shape
-    if H % patch or W % patch or H == 0 or W == 0:
-        raise ValueError(f"view of size {H}x{W} (HxW) is not a positive multiple of the patch size {patch}")
     h, w = H // patch, W // patch
     x = view.reshape(c, h, patch, w, patch).permute(1, 3, 0, 2, 4)  # [h, w, C, P, P]
     return x.reshape(h * w, c * patch * patch)
@@ -44,8 +44,7 @@ def _buckets(n: int, side: int) -> Tensor:
     step = (torch.ones((), dtype=torch.float32) / n).item()
     coords = torch.arange(0, 1 - 1e-6, step, dtype=torch.float32, device="cpu")  # [n]
     boundaries = torch.arange(1 / side, 1.0, 1 / side, dtype=torch.float32, device="cpu")  # [side-1]
-    if len(coords) != n:  # cannot happen for any n below ~10^6; a guard, not a code path
-        raise RuntimeError(f"NaViT coordinates for n={n} have {len(coords)} entries")
+    assert len(coords) == n, f"NaViT coordinates for n={n}: {len(coords)}"  # float arange; holds for n < ~10^6
     return torch.bucketize(coords, boundaries, right=True)
 
 
@@ -56,30 +55,17 @@ def _position_ids(h: int, w: int, side: int) -> Tensor:
 
 def navit_position_ids(h: int, w: int, side: int) -> Tensor:
     """LongTensor [h*w]: row-major ids `bucket_row * side + bucket_col` into the side x side embedding table."""
-    if h < 1 or w < 1 or side < 1:
-        raise ValueError(f"navit_position_ids needs h, w, side >= 1, got h={h} w={w} side={side}")
+    assert h >= 1 and w >= 1 and side >= 1, f"h={h} w={w} side={side}"
     return _position_ids(int(h), int(w), int(side)).clone()  # clone: the cached tensor must never be mutated
 
 
-def check_packed(x: Tensor, tgt_sizes: Tensor, width: int, who: str, what: str) -> list[tuple[int, int]]:
-    """Validate packed rows x [N, width] against tgt_sizes [V, 2] (h, w patch counts) -> [(h, w)] per view.
-    Shared by the vision tower (x = patches) and the resampler (x = tower features)."""
-    if not isinstance(x, Tensor) or x.ndim != 2 or x.shape[1] != width:
-        raise ValueError(f"{who} expects packed {what} [N, {width}], got shape "
-                         f"{tuple(getattr(x, 'shape', ())) or type(x).__name__}")
-    if not isinstance(tgt_sizes, Tensor) or tgt_sizes.ndim != 2 or tgt_sizes.shape[1] != 2 \
-            or tgt_sizes.is_floating_point():
-        raise ValueError(f"{who}: tgt_sizes must be an integer tensor [V, 2] of (h, w) patch counts, got "
-                         f"{getattr(tgt_sizes, 'dtype', type(tgt_sizes).__name__)} "
-                         f"{tuple(getattr(tgt_sizes, 'shape', ()))}")
+def packed_sizes(x: Tensor, tgt_sizes: Tensor) -> list[tuple[int, int]]:
+    """(h, w) patch counts per view from tgt_sizes [V, 2]; the views' patches must be exactly the N rows of the
+    packed x [N, width] (else a view would silently read its neighbour's rows). Shared by the tower and resampler."""
     sizes = [(int(h), int(w)) for h, w in tgt_sizes.tolist()]
-    bad = [i for i, (h, w) in enumerate(sizes) if h < 1 or w < 1]
-    if bad:
-        raise ValueError(f"{who}: tgt_sizes row {bad[0]} is {sizes[bad[0]]}: views need at least 1x1 patches")
     total = sum(h * w for h, w in sizes)
-    if total != x.shape[0]:
-        raise ValueError(f"{who}: tgt_sizes describe {total} patches over {len(sizes)} views but {what} has "
-                         f"{x.shape[0]} rows")
+    assert all(h >= 1 and w >= 1 for h, w in sizes), "tgt_sizes holds a view of 0 patches"
+    assert total == x.shape[0], f"tgt_sizes: {len(sizes)} views of {total} patches, x has {x.shape[0]} rows"
     return sizes
 
 
@@ -186,8 +172,7 @@ class VisionTransformer(nn.Module):
     def forward(self, patches: Tensor, tgt_sizes: Tensor) -> Tensor:
         """patches [N, 3*P*P] (views concatenated, row-major within a view), tgt_sizes [V, 2] (h, w) -> [N, D]."""
         cfg = self.cfg
-        sizes = check_packed(patches, torch.as_tensor(tgt_sizes), cfg.num_channels * cfg.patch_size ** 2,
-                             "vision tower", "patches")
+        sizes = packed_sizes(patches, torch.as_tensor(tgt_sizes))
         weight = self.embeddings.patch_embedding.weight
         if not sizes:  # no views at all (a text-only batch)
             return weight.new_zeros(0, cfg.hidden_size)
