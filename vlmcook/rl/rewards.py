@@ -114,15 +114,11 @@ def verify_string(answer: str, reference: str | Sequence[str]) -> float:
     return float(any(normalise(answer) == normalise(r) for r in refs))
 
 
-def anls(answer: str, reference: str | Sequence[str], tau: float = 0.5) -> float:
-    """ANLS (DocVQA): max over references of 1 - NL if NL < tau else 0, NL = lev / max(len), case-folded, trimmed."""
-    refs = [reference] if isinstance(reference, str) else list(reference)
-    best = 0.0
-    for r in refs:
-        a, r = " ".join(answer.lower().split()), " ".join(str(r).lower().split())
-        nl = edit_distance(a, r) / max(len(a), len(r), 1)
-        best = max(best, 1.0 - nl if nl < tau else 0.0)
-    return best
+def anls(answer: str, reference: str | Sequence[str]) -> float:
+    """ANLS against one or several references: the DocVQA / RRC script's rule (vlmcook.eval.tasks.vqa.anls)."""
+    from vlmcook.eval.tasks.vqa import anls as rrc_anls
+
+    return rrc_anls(answer, [reference] if isinstance(reference, str) else list(reference))
 
 
 VERIFIERS: dict[str, Callable] = {"number": verify_number, "choice": verify_choice, "string": verify_string,

@@ -4,7 +4,7 @@ ANLS (Biten et al. 2019, as the RRC / ST-VQA evaluation script and VLMEvalKit co
 are stripped, lower-cased and whitespace-collapsed; NL = Levenshtein / max(len) (0 when both are empty); the row
 scores 1 - min NL over its reference answers, or 0 when that is below 0.5. At NL exactly 0.5 the script keeps 0.5
 (the paper's formula, "NL < tau", would give 0): we follow the script that produced the published numbers.
-`vlmcook.rl.rewards.anls` uses the paper's strict inequality, hence this separate function (docs/eval.md).
+The RL verifier `vlmcook.rl.rewards.anls` calls this one.
 VQA accuracy (the VQA v2 evaluation script, as VLMEvalKit applies it to TextVQA): both sides normalised (below);
 with the ten human answers, the score is the mean over the ten leave-one-out subsets of min(#matches / 3, 1),
 i.e. 0.3 / 0.6 / 0.9 / 1 for 1 / 2 / 3 / 4+ matching humans. VLMEvalKit normalises every answer; the VQA v2
