@@ -324,8 +324,9 @@ def load_model_state(folder: str | Path, model: nn.Module) -> None:
 
 
 def _groups(optimizer: torch.optim.Optimizer) -> list[tuple[list[int], dict]]:
-    return [([id(p) for p in g["params"]], {k: v for k, v in g.items() if k not in ("params", "lr")})
-            for g in optimizer.param_groups]
+    # Tuples as lists: loading under FSDP2 turns the betas tuple into a list.
+    return [([id(p) for p in g["params"]], {k: list(v) if isinstance(v, tuple) else v for k, v in g.items()
+                                            if k not in ("params", "lr")}) for g in optimizer.param_groups]
 
 
 def load_trainer_state(state: dict, model: nn.Module, optimizer: torch.optim.Optimizer, dist: Dist) -> None:
