@@ -25,7 +25,6 @@ import json
 import os
 import random
 import re
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 
