@@ -226,6 +226,10 @@ def test_shape_contracts_are_asserted(pair):
         ours(ids, position_ids=torch.zeros(2, 1, dtype=torch.long))
     with pytest.raises(AssertionError, match=r"rows \[-1\] of 2"):
         KVCache(CFG, 2, 8).select([-1])
+    with pytest.raises(AssertionError, match="segment_ids take no KVCache"):
+        ours.model(ids, segment_ids=torch.ones(2, 4), cache=KVCache(CFG, 2, 8))
+    with pytest.raises(AssertionError, match=r"segment_ids \(1, 4\), x 2x4"):
+        ours.model(ids, segment_ids=torch.ones(1, 4))
 
 
 # ---- bf16 -----------------------------------------------------------------------------------------------------

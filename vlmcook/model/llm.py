@@ -236,8 +236,8 @@ class Qwen3Model(nn.Module):
     def _forward_packed(self, x: torch.Tensor, segment_ids: torch.Tensor, position_ids: torch.Tensor | None,
                         cache: KVCache | None) -> torch.Tensor:
         B, T, _ = x.shape
-        # this path never writes a cache: a cache given here would silently stay empty
-        assert cache is None and segment_ids.shape == (B, T), f"segment_ids {tuple(segment_ids.shape)}, x {B}x{T}"
+        assert cache is None, "segment_ids take no KVCache"  # this path never writes one: it would stay empty
+        assert segment_ids.shape == (B, T), f"segment_ids {tuple(segment_ids.shape)}, x {B}x{T}"
         segment_ids = segment_ids.to(x.device)
         if position_ids is None:
             position_ids = segment_positions(segment_ids)
