@@ -1,11 +1,15 @@
 """Generation engine on tiny random-weight models (CPU).
 
 Oracles: step-by-step argmax over full no-cache forwards of each request alone (greedy); the same request alone
-(sampled batch rows); transformers' logits processors (repetition penalty, top-k, top-p); hand-computed values;
-a scripted fake model (stop tokens, think budget) whose outputs are known by construction.
+(sampled rows, rows joining a running batch at other steps, n samples vs n separate prompts); transformers' logits
+processors (repetition penalty, top-k, top-p) and the softmax of their output (sampling frequencies); hand-computed
+values; a scripted fake model (stop tokens, think budget) whose outputs are known by construction; the cache sizes
+the model is handed (KV limits).
 """
 
 import dataclasses
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -15,67 +19,75 @@ from PIL import Image
 from vlmcook.config import PRESETS
 from vlmcook.data.processor import Processor, collate
 from vlmcook.data.tokenizer import Tokenizer
-from vlmcook.infer.engine import (Engine, SamplingParams, apply_repetition_penalty, filter_top_k_top_p)
+from vlmcook.infer.engine import (MIN_TEMPERATURE, PENALTY_RANGE, Engine, Limits, QueueFullError, SamplingParams,
+                                  WontFitError, apply_repetition_penalty, default_limits, kv_bytes_per_token,
+                                  sample, top_k_top_p)
+from vlmcook.model.llm import KVCache
 from vlmcook.model.minicpmv import MiniCPMV
 
-
-# ---- a scripted stand-in for MiniCPMV (the engine's interface: embed, llm.model, llm.lm_head, llm.new_cache) -----
-class _FakeCache:
-    def __init__(self, batch_size: int):
-        self.rows = torch.arange(batch_size)  # original batch row of each cache row (select reorders/drops)
-        self.step = -1
-
-    @property
-    def batch_size(self) -> int:
-        return len(self.rows)
-
-    def select(self, rows):
-        self.rows = self.rows[torch.as_tensor(rows, dtype=torch.long)]
-        return self
+ROOMY = Limits(max_rows=16, max_queue=16, max_kv_tokens=10**6)
 
 
-class _ScriptedHead:
-    def __init__(self, scripts, vocab, filler):
-        self.scripts, self.vocab, self.filler = scripts, vocab, filler
-        self.weight = torch.zeros(1)
-
-    def __call__(self, h: torch.Tensor) -> torch.Tensor:  # h [b, 2] = (batch row, step)
-        logits = torch.zeros(h.shape[0], self.vocab)
-        for i, (row, step) in enumerate(h.long().tolist()):
-            script = self.scripts[row]
-            logits[i, script[step] if step < len(script) else self.filler] = 10.0
-        return logits
-
-
-class _ScriptedLLM:
-    def __init__(self, scripts, vocab, filler):
-        self.lm_head = _ScriptedHead(scripts, vocab, filler)
-
-    def new_cache(self, batch_size: int, max_len: int) -> _FakeCache:
-        return _FakeCache(batch_size)
-
-    def model(self, input_ids=None, inputs_embeds=None, attention_mask=None, cache=None):
-        x = inputs_embeds if inputs_embeds is not None else input_ids
-        assert x.shape[0] == cache.batch_size, "fed rows must match the cache rows"
-        cache.step += 1
-        h = torch.zeros(x.shape[0], x.shape[1], 2)
-        h[:, -1, 0] = cache.rows.float()
-        h[:, -1, 1] = cache.step
-        return h
+# ---- a scripted stand-in for MiniCPMV (the engine's interface: embed, new_cache, prefill, decode_step, config) ----
+_TAG_KV = dataclasses.replace(PRESETS["tiny"].llm, num_hidden_layers=1, num_attention_heads=1, num_key_value_heads=1,
+                              head_dim=2)
 
 
 class ScriptedModel:
-    """Batch row b emits scripts[b][k] as its k-th sampled token (then `filler`), whatever it is fed; records the
-    prompts it is given."""
+    """Row k of a prefill emits scripts[k][j] as its j-th sampled token (then `filler`), whatever it is fed. Each row
+    keeps (k, j) in its cache keys, so it stays itself when the engine drops, repeats and joins cache rows. Records
+    the prompts it is given."""
 
     def __init__(self, scripts: list[list[int]], filler: int = 300, config=PRESETS["tiny"]):
-        self.config = config
-        self.llm = _ScriptedLLM(scripts, config.llm.vocab_size, filler)
-        self.prompts = []
+        self.scripts, self.filler, self.config, self.prompts = scripts, filler, config, []
+
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        return KVCache(_TAG_KV, batch_size, max_len)
 
     def embed(self, input_ids, pixel_values=None, temporal_ids=None, image_bound=None):
         self.prompts.append(input_ids.clone())
         return torch.zeros(*input_ids.shape, 1)
+
+    def prefill(self, embeds, attention_mask, cache):
+        B, T = attention_mask.shape
+        cache.extend(attention_mask.bool(), T)
+        cache.length = T
+        cache.k[0][:, 0, T - 1] = torch.stack([torch.arange(B), torch.zeros(B)], 1)  # (script, step 0)
+        return self._logits(cache)
+
+    def decode_step(self, token_ids, cache):
+        past = cache.length
+        cache.extend(None, 1)
+        cache.length = past + 1
+        cache.k[0][:, 0, past] = cache.k[0][:, 0, past - 1] + torch.tensor([0.0, 1.0])  # next step
+        return self._logits(cache)
+
+    def _logits(self, cache):
+        logits = torch.zeros(cache.batch_size, self.config.llm.vocab_size)
+        for i, (k, j) in enumerate(cache.k[0][:, 0, cache.length - 1].long().tolist()):
+            script = self.scripts[k]
+            logits[i, script[j] if j < len(script) else self.filler] = 10.0
+        return logits
+
+
+class Recording:
+    """A model wrapper that records each forward the engine runs ("decode"/"prefill", rows, cache positions
+    allocated), optionally slowed down so that a test's thread keeps up with the steps."""
+
+    def __init__(self, model, delay: float = 0.0):
+        self.model, self.delay, self.calls = model, delay, []
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def decode_step(self, token_ids, cache):
+        time.sleep(self.delay)
+        self.calls.append(("decode", cache.batch_size, cache.batch_size * cache.max_len))
+        return self.model.decode_step(token_ids, cache)
+
+    def prefill(self, embeds, attention_mask, cache):
+        self.calls.append(("prefill", cache.batch_size, cache.batch_size * cache.max_len))
+        return self.model.prefill(embeds, attention_mask, cache)
 
 
 # ---- fixtures -----------------------------------------------------------------------------------------------------
@@ -259,36 +271,253 @@ def test_think_budget_not_forced_when_model_closes_itself(tok):
     assert gens[1].forced_think_end and gens[1].finish_reason == "stop"
 
 
-# ---- logits processors vs hand values and transformers ----------------------------------------------------------
+# ---- iteration-level scheduling ---------------------------------------------------------------------------------
+def _collect(streams: dict, tokens: dict, finals: dict, i: int) -> None:
+    ev = next(streams[i])
+    if ev.generation is None:
+        tokens[i].append(ev.token_id)
+    else:
+        finals[i] = ev.generation
+        del streams[i]
+
+
+def test_staggered_arrivals_equal_alone(model, tok, proc):
+    """Request i+1 arrives once request i has streamed 3 tokens: each joins a running batch mid-generation (its
+    prefill beside the others' decode), rows leave at different steps, and every request gets the tokens it gets
+    alone, greedy and seeded alike."""
+    samples = _requests(proc) + [proc([{"role": "user", "content": "Another one, a little longer than Hi"}])]
+    params = [SamplingParams(max_new_tokens=14, temperature=1.0, seed=1, stop_ids=()),
+              SamplingParams(max_new_tokens=9, stop_ids=()),
+              SamplingParams(max_new_tokens=16, temperature=0.8, top_k=50, top_p=0.9, repetition_penalty=1.2, seed=2,
+                             stop_ids=()),
+              SamplingParams(max_new_tokens=6, temperature=1.3, seed=3, stop_ids=())]
+    alone = [Engine(model, tok, ROOMY).generate(collate([s], tok.pad_id), p)[0] for s, p in zip(samples, params)]
+    rec = Recording(model, delay=0.01)
+    engine = Engine(rec, tok, ROOMY)
+    streams, tokens, finals, started = {}, {i: [] for i in range(4)}, {}, 0
+    while len(finals) < 4:
+        if started < 4 and (started == 0 or len(tokens[started - 1]) >= 3):
+            streams[started] = engine.stream(collate([samples[started]], tok.pad_id), params[started])
+            started += 1
+        for i in list(streams):
+            _collect(streams, tokens, finals, i)
+    for i in range(4):
+        assert tokens[i] == finals[i].token_ids == alone[i].token_ids, i
+        assert finals[i].prompt_tokens == alone[i].prompt_tokens and finals[i].visual_tokens == alone[i].visual_tokens
+    kinds = [c[0] for c in rec.calls]
+    joins = sum(a == "decode" and b == "prefill" for a, b in zip(kinds, kinds[1:]))
+    assert joins == 3 and max(c[1] for c in rec.calls if c[0] == "decode") >= 3  # real joins, a real batch
+
+
+def test_cancelled_rows_leave_at_the_next_step(model, tok, proc):
+    rec = Recording(model, delay=0.005)
+    engine = Engine(rec, tok, ROOMY)
+    samples = _requests(proc)
+    endless = engine.stream(collate([samples[0]], tok.pad_id), SamplingParams(max_new_tokens=3000, stop_ids=()))
+    next(endless), next(endless)
+    short = SamplingParams(max_new_tokens=12, temperature=1.0, seed=4, stop_ids=())
+    other = engine.stream(collate([samples[1]], tok.pad_id), short)
+    first = next(other)
+    endless.close()
+    steps_at_close = len(rec.calls)
+    rest = [first, *other]
+    assert [e.token_id for e in rest[:-1]] == rest[-1].generation.token_ids == \
+        Engine(model, tok, ROOMY).generate(collate([samples[1]], tok.pad_id), short)[0].token_ids
+    deadline = time.time() + 10
+    while engine.load()["running_rows"] and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.load() == {"running_rows": 0, "waiting": 0} and engine.cancelled == 1
+    # the other request's 12 steps ran with the endless row gone after at most 2 of them
+    assert sum(c == ("decode", 2, c[2]) for c in rec.calls[steps_at_close:]) <= 2
+
+
+def test_cancelled_before_joining_is_never_prefilled(model, tok, proc):
+    rec = Recording(model, delay=0.005)
+    engine = Engine(rec, tok, Limits(max_rows=1, max_queue=4, max_kv_tokens=10**6))
+    samples = _requests(proc)
+    running = engine.stream(collate([samples[0]], tok.pad_id), SamplingParams(max_new_tokens=3000, stop_ids=()))
+    next(running)
+    waiting = engine._submit(collate([samples[1]], tok.pad_id), SamplingParams(), 1)  # queued: the one row is taken
+    assert engine.load()["waiting"] == 1
+    waiting.cancelled.set()
+    running.close()
+    deadline = time.time() + 10
+    while engine.load() != {"running_rows": 0, "waiting": 0} and time.time() < deadline:
+        time.sleep(0.01)
+    assert engine.cancelled == 2 and [c[0] for c in rec.calls].count("prefill") == 1
+
+
+# ---- n samples, one prefill ---------------------------------------------------------------------------------------
+def test_num_samples_share_one_prefill(model, tok, proc):
+    """n samples of a prompt == the prompt repeated n times as separate rows with seeds seed, seed+1, ... (n
+    prefills), from a single prefill row; greedy samples are all the same."""
+    samples = _requests(proc)[1:]  # an image prompt and a video prompt
+    p = SamplingParams(max_new_tokens=7, temperature=1.0, top_k=30, seed=11, stop_ids=())
+    rec = Recording(model)
+    got = Engine(rec, tok, ROOMY).generate(collate(samples, tok.pad_id), p, num_samples=3)
+    assert [c[:2] for c in rec.calls if c[0] == "prefill"] == [("prefill", 2)]  # one forward, one row per prompt
+    rows = [s for s in samples for _ in range(3)]
+    seeded = [dataclasses.replace(p, seed=11 + k) for _ in samples for k in range(3)]
+    separate = Engine(model, tok, ROOMY).generate(collate(rows, tok.pad_id), seeded)
+    assert [g.token_ids for g in got] == [g.token_ids for g in separate]
+    assert len({tuple(g.token_ids) for g in got[:3]}) == 3  # the samples differ
+    assert [g.visual_tokens for g in got] == [8] * 3 + [16] * 3
+    greedy = Engine(model, tok, ROOMY).generate(collate(samples[:1], tok.pad_id), SamplingParams(max_new_tokens=5),
+                                                num_samples=4)
+    assert len({tuple(g.token_ids) for g in greedy}) == 1
+
+
+# ---- limits --------------------------------------------------------------------------------------------------------
+def test_kv_limit_holds_and_queues(model, tok, proc):
+    """Two requests whose padded windows do not fit together run one after the other (never a cache over the
+    limit), each as alone; one that can never fit is refused up front."""
+    samples = _requests(proc)[:2]
+    T = max(s["input_ids"].shape[1] for s in samples)
+    p = SamplingParams(max_new_tokens=10, stop_ids=())
+    limit = 2 * (T + 9) - 1  # either alone fits (<= T + 9), both together not
+    rec = Recording(model)
+    engine = Engine(rec, tok, Limits(max_rows=4, max_queue=4, max_kv_tokens=limit))
+    out = [None, None]
+
+    def run(i):
+        out[i] = engine.generate(collate([samples[i]], tok.pad_id), p)[0].token_ids
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert out == [Engine(model, tok, ROOMY).generate(collate([s], tok.pad_id), p)[0].token_ids for s in samples]
+    assert max(c[2] for c in rec.calls) <= limit and max(c[1] for c in rec.calls) == 1
+    with pytest.raises(WontFitError, match=rf"row 0: 1 x \(\d+ prompt \+ {limit} new tokens - 1\) = \d+ KV-cache "
+                                           rf"positions, more than this engine holds \({limit}, max_kv_tokens\)"):
+        engine.generate(collate(samples[:1], tok.pad_id), dataclasses.replace(p, max_new_tokens=limit))
+    with pytest.raises(WontFitError, match=r"5 samples of one prompt need 5 rows at once; this engine runs at most 4"):
+        engine.generate(collate(samples[:1], tok.pad_id), p, num_samples=5)
+
+
+def test_full_queue_is_refused(model, tok, proc):
+    engine = Engine(Recording(model, delay=0.005), tok, Limits(max_rows=1, max_queue=1, max_kv_tokens=10**6))
+    samples = _requests(proc)
+    running = engine.stream(collate([samples[0]], tok.pad_id), SamplingParams(max_new_tokens=3000, stop_ids=()))
+    next(running)
+    waiting = engine._submit(collate([samples[1]], tok.pad_id), SamplingParams(), 1)
+    with pytest.raises(QueueFullError, match=r"1 requests are waiting already \(max_queue 1\)"):
+        engine.generate(collate([samples[2]], tok.pad_id), SamplingParams())
+    waiting.cancelled.set()
+    running.close()
+
+
+def test_kv_bytes_and_default_limits():
+    # 2 (keys, values) x layers x kv heads x head_dim x bytes, + 1 mask byte; the 8B numbers are the release's config
+    tiny, demo, big = (PRESETS[k].llm for k in ("tiny", "demo", "v4_5"))
+    assert kv_bytes_per_token(KVCache(tiny, 1, 1)) == 2 * 2 * 2 * 16 * 4 + 1 == 513
+    assert kv_bytes_per_token(KVCache(demo, 1, 1)) == 2 * 3 * 2 * 32 * 4 + 1 == 1537
+    assert kv_bytes_per_token(KVCache(big, 1, 1, dtype=torch.bfloat16)) == 2 * 36 * 8 * 128 * 2 + 1 == 147_457
+    lim = default_limits(513, 4096, torch.device("cpu"))
+    assert 1 <= lim.max_rows <= 64 and lim.max_queue == lim.max_rows and 1 <= lim.max_kv_tokens <= 64 * 4096
+    with pytest.raises(ValueError, match="Limits.max_queue = 0: must be an int >= 1"):
+        Limits(max_rows=1, max_queue=0, max_kv_tokens=10)
+
+
+# ---- sampling: HF's processors, rows independent, frequencies, extreme values ------------------------------------
 def test_repetition_penalty_hand_computed():
-    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, -4.0])
-    out = apply_repetition_penalty(logits, [0, 1, 1, 4], 2.0)  # each seen id once, even if repeated
-    assert out.tolist() == [1.0, -2.0, 0.5, 3.0, -8.0]
-    assert logits.tolist() == [2.0, -1.0, 0.5, 3.0, -4.0]  # input untouched
+    logits = torch.tensor([[2.0, -1.0, 0.5, 3.0, -4.0], [1.0, -1.0, 1.0, 1.0, 1.0]])
+    out = apply_repetition_penalty(logits, [[0, 1, 1, 4], [1, 2]], [2.0, 1.0])  # each seen id once; 1 = off
+    assert out.tolist() == [[1.0, -2.0, 0.5, 3.0, -8.0], [1.0, -1.0, 1.0, 1.0, 1.0]]
+    assert logits[0].tolist() == [2.0, -1.0, 0.5, 3.0, -4.0]  # input untouched
+
+
+def _hf_filtered(logits, k, p):
+    from transformers import TopKLogitsWarper, TopPLogitsWarper
+
+    ref = logits[None].clone()
+    if k:
+        ref = TopKLogitsWarper(k)(None, ref)
+    if p < 1:
+        ref = TopPLogitsWarper(p)(None, ref)
+    return ref[0]
 
 
 def test_processors_match_transformers():
-    from transformers import RepetitionPenaltyLogitsProcessor, TopKLogitsWarper, TopPLogitsWarper
+    from transformers import RepetitionPenaltyLogitsProcessor
 
     g = torch.Generator().manual_seed(0)
+    ks, ps = [5, 0, 20, 0, 64, 3, 1], [1.0, 0.7, 0.5, 0.05, 0.9, 1.0, 0.3]  # 64 = the whole vocabulary
+    pens = [1.4, 1.4, 0.8, 1.0, 2.5, 1.4, 1.1]
     for _ in range(20):
-        logits = torch.randn(64, generator=g) * 3
-        seen = torch.randint(0, 64, (10,), generator=g)
-        ref = RepetitionPenaltyLogitsProcessor(1.4)(seen[None], logits[None].clone())[0]
-        assert torch.equal(apply_repetition_penalty(logits, seen.tolist(), 1.4), ref)
-        for k, p in ((5, 1.0), (0, 0.7), (20, 0.5), (0, 0.05)):
-            ref = logits[None].clone()
-            if k:
-                ref = TopKLogitsWarper(k)(None, ref)
-            if p < 1:
-                ref = TopPLogitsWarper(p)(None, ref)
-            assert torch.equal(filter_top_k_top_p(logits, k, p), ref[0])
+        logits = torch.randn(len(ks), 64, generator=g) * 3
+        seen = [torch.randint(0, 64, (n,), generator=g).tolist() for n in (10, 0, 3, 25, 1, 7, 2)]
+        penalised = apply_repetition_penalty(logits, seen, pens)
+        for b in range(len(ks)):
+            ref = RepetitionPenaltyLogitsProcessor(pens[b])(torch.tensor([seen[b]]), logits[b:b + 1].clone())[0] \
+                if seen[b] else logits[b]
+            assert torch.equal(penalised[b], ref)
+        vals, ids = top_k_top_p(logits, ks, ps)
+        ours = torch.full_like(logits, -torch.inf).scatter(1, ids, vals)
+        for b in range(len(ks)):
+            assert torch.equal(ours[b], _hf_filtered(logits[b], ks[b], ps[b])), (ks[b], ps[b])
+
+
+MIXED = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=20),
+         SamplingParams(temperature=1.0, top_p=0.8), SamplingParams(temperature=0.9, top_k=5, top_p=0.5,
+                                                                    repetition_penalty=1.3),
+         SamplingParams(temperature=2.0, repetition_penalty=0.9), SamplingParams(repetition_penalty=1.5)]
+
+
+def test_sample_rows_are_independent():
+    """One call for mixed rows (greedy, whole vocabulary, top-k, top-p alone: a full sort, both, penalties) gives each
+    row the token it gets alone from the same generator state."""
+    g = torch.Generator().manual_seed(1)
+    for trial in range(30):
+        logits = torch.randn(len(MIXED), 300, generator=g) * 4
+        seen = [torch.randint(0, 300, (trial % 7,), generator=g).tolist() for _ in MIXED]
+        gens = lambda: [torch.Generator().manual_seed(100 * trial + b) if p.temperature else None  # noqa: E731
+                        for b, p in enumerate(MIXED)]
+        together = sample(logits, MIXED, seen, gens())
+        alone = [sample(logits[b:b + 1], [p], [seen[b]], [gen])[0] for b, (p, gen) in enumerate(zip(MIXED, gens()))]
+        assert together == alone
+
+
+@pytest.mark.parametrize("p", [SamplingParams(temperature=0.7, top_k=6, top_p=0.9, repetition_penalty=1.5),
+                               SamplingParams(temperature=1.3, repetition_penalty=1.5)])
+def test_sampling_frequencies_match_transformers_distribution(p):
+    from transformers import RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper
+
+    logits = torch.tensor([2.0, 1.5, 1.0, 0.5, 0.0, -0.5, -1.0, 3.0])
+    seen = [0, 5]
+    ref = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(torch.tensor([seen]), logits[None].clone())
+    ref = _hf_filtered(TemperatureLogitsWarper(p.temperature)(None, ref)[0], p.top_k, p.top_p).softmax(-1)
+    n, gen = 20_000, torch.Generator().manual_seed(0)
+    drawn = sample(logits.expand(n, -1), [p] * n, [seen] * n, [gen] * n)
+    freq = torch.bincount(torch.tensor(drawn), minlength=8) / n
+    assert (freq - ref).abs().max() < 0.015  # 4 standard deviations at n = 20,000
+    assert bool((freq[ref == 0] == 0).all())  # what the filters remove is never drawn
+
+
+@pytest.mark.parametrize("logits", [[1e30, -1e30, 0.0, 5.0], [-1e30] * 4, [3.0] * 4, [0.0, 1e-30, -1e-30, 1e30]])
+@pytest.mark.parametrize("temperature", [0, MIN_TEMPERATURE, 2.0, 1e4])
+@pytest.mark.parametrize("penalty", [PENALTY_RANGE[0], 1.0, PENALTY_RANGE[1]])
+def test_extreme_accepted_values_give_a_token(logits, temperature, penalty):
+    """Values at the accepted bounds never reach inf/nan: a token, and the argmax when the choice is forced."""
+    logits = torch.tensor([logits])
+    for k, top_p in ((0, 1.0), (2, 1e-30), (10**9, 0.5)):
+        p = SamplingParams(temperature=temperature, top_k=k, top_p=top_p, repetition_penalty=penalty, seed=0)
+        tok = sample(logits, [p], [[0, 3]], [torch.Generator().manual_seed(0)])[0]
+        penalised = apply_repetition_penalty(logits, [[0, 3]], [penalty])[0]
+        assert 0 <= tok < 4
+        if temperature == 0:
+            assert tok == int(penalised.argmax())
+        if top_p == 1e-30:  # top-p keeps only the most likely token (one of them, if tied)
+            assert penalised[tok] == penalised.max()
 
 
 # ---- errors ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kw, field", [
     (dict(max_new_tokens=0), "max_new_tokens"), (dict(max_new_tokens=2.5), "max_new_tokens"),
     (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=1e-45), "temperature"), (dict(temperature=MIN_TEMPERATURE / 2), "temperature"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty"), (dict(repetition_penalty=1e300), "repetition_penalty"),
     (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
     (dict(repetition_penalty=0), "repetition_penalty"), (dict(seed="x"), "seed"),
     (dict(think_budget=-1), "think_budget"), (dict(stop_ids="abc"), "stop_ids"),
@@ -322,3 +551,10 @@ def test_bad_batches(model, tok, proc):
         engine.generate(collate(samples, tok.pad_id), [SamplingParams()] * 3)
     with pytest.raises(ValueError, match="outside the model's vocabulary"):
         engine.generate({"input_ids": torch.tensor([[5, 512]])}, SamplingParams())
+    one = collate(samples[1:], tok.pad_id)
+    for bound in ([[0, 7]], [[0, 4], [3, 7]], [[-1, 7]]):  # 7 slots for 8, overlapping, outside the prompt
+        with pytest.raises(ValueError, match=r"row 0: image_bound .* covering 1 package\(s\) x 8 slots"):
+            engine.generate({**one, "image_bound": [torch.tensor(bound)]}, SamplingParams())
+    with pytest.raises(ValueError, match="num_samples = 0"):
+        engine.generate(one, SamplingParams(), num_samples=0)
+    assert engine.load() == {"running_rows": 0, "waiting": 0}  # nothing was queued

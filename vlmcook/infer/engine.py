@@ -1,32 +1,44 @@
-"""Generation engine: token ids in, token ids out (no chat formatting; that is `api.py`).
+"""Generation engine: token ids in, token ids out, for every caller in the process at once (chat formatting: api.py).
 
 Notable:
-- One prefill forward for the whole batch: text + visual embeddings merged by `MiniCPMV.embed`, left padding, the
-  KV cache remembers which positions are padding, so decode steps need no mask and positions stay per-request
-  (`cumsum(mask) - 1`). Only the last position goes through `lm_head` (the released vocab is 151k wide).
-- Finished rows are dropped from the cache with `KVCache.select` instead of being masked: decode compute then
-  scales with the rows still running, and the one copy of the cache a drop costs is paid at most once per request.
-- Each request samples with its own `torch.Generator` (seeded from `seed`, or from the global RNG when None), so a
-  request gives the same tokens alone or in any batch. Logits are processed in HF's order: repetition penalty ->
-  temperature -> top-k -> top-p; temperature 0 is greedy (argmax after the penalty, as HF's greedy search).
-- Repetition penalty is HF's (`RepetitionPenaltyLogitsProcessor`: each seen id once, negative logits multiplied,
-  positive divided) over the *generated* ids only: the release calls `generate(inputs_embeds=...)`, where HF's
-  `input_ids` start empty, so the prompt (and its thousands of `<unk>` visual slots) is never penalised.
-- Thinking budget: with `think_budget` set, the prompt is taken to end inside an open think block; after that many
-  generated tokens without `</think>` the engine emits `think_end_ids` ("\\n</think>\\n\\n") itself, one per step
-  (so batching is unaffected), then lets the model answer. Forced tokens count towards `max_new_tokens`.
-- A request stops on its stop ids (default: the tokenizer's `<|im_end|>`, `<|endoftext|>`; the stop token is not
-  part of `token_ids`), at `max_new_tokens`, or at the model's context length (finish_reason "length").
+- Iteration-level scheduling, the loop in `Engine.step`: decode one token for every running row, prefill the prompts
+  that arrived since (together, images and videos included; n samples of a prompt share one prefill, its KV row
+  repeated), sample every row in one call, drop finished and cancelled rows at once. A background thread runs steps
+  while there is work; `stream` / `generate` from any thread join the same batch.
+- Bounded (`Limits`, defaults from the model and the free memory; docs/reliability.md): running rows, waiting
+  submissions (`QueueFullError`) and KV positions; what can never fit is refused up front (`WontFitError`).
+- The KV cache is padded: rows are right-aligned and share the write position, so each row costs the whole window
+  (oldest running prompt start .. furthest position any row may still reach), reserved when it joins, and a join
+  copies the cache once. Paging (per-row blocks) would pay when lengths differ widely (a long video among short
+  chats) or when joins are frequent at long contexts; at the sizes we run, it is not needed for the targets.
+- Every sampled row draws one uniform per token from its own generator (`seed`, or torch's global RNG when None)
+  and the batched sampler never mixes rows, so a request yields the same tokens alone or in any batch. Logits follow
+  HF's order: repetition penalty (generated ids only, as the release's `generate(inputs_embeds=...)`) ->
+  temperature -> top-k -> top-p; temperature 0 is greedy (argmax after the penalty).
+- Thinking budget: after `think_budget` tokens without `</think>` the engine emits `think_end_ids` itself, one per
+  step (they count towards `max_new_tokens`). A row stops on its stop ids (not part of `token_ids`), at
+  `max_new_tokens` or at the context length (finish_reason "length").
 """
 
 from __future__ import annotations
 
 import math
+import os
+import queue
+import threading
 import time
+from collections import deque
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
+
+from vlmcook.data.processor import collate
+
+# Positive temperatures below MIN_TEMPERATURE are refused (0 is greedy); penalties outside PENALTY_RANGE too: within
+# them every step stays finite in float32 for logits up to ~1e35 (temperature divides logits minus their maximum).
+MIN_TEMPERATURE, PENALTY_RANGE = 1e-4, (1e-3, 1e3)
+MAX_ROWS = 64  # default ceiling of running rows: past it a decode step is compute-bound and only slows every stream
 
 
 @dataclass(frozen=True)
@@ -47,14 +59,14 @@ class SamplingParams:
 
         if not _is_int(self.max_new_tokens) or self.max_new_tokens < 1:
             bad("max_new_tokens", "must be an int >= 1")
-        if not _is_num(self.temperature) or self.temperature < 0:
-            bad("temperature", "must be a finite number >= 0 (0 = greedy)")
+        if not _is_num(self.temperature) or not (self.temperature == 0 or self.temperature >= MIN_TEMPERATURE):
+            bad("temperature", f"must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE:g}")
         if not _is_num(self.top_p) or not 0 < self.top_p <= 1:
             bad("top_p", "must be in (0, 1]")
         if not _is_int(self.top_k) or self.top_k < 0:
             bad("top_k", "must be an int >= 0 (0 = off)")
-        if not _is_num(self.repetition_penalty) or self.repetition_penalty <= 0:
-            bad("repetition_penalty", "must be a finite number > 0 (1 = off)")
+        if not _is_num(self.repetition_penalty) or not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
+            bad("repetition_penalty", f"must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}] (1 = off)")
         if self.seed is not None and not _is_int(self.seed):
             bad("seed", "must be an int or None")
         if self.think_budget is not None and (not _is_int(self.think_budget) or self.think_budget < 0):
@@ -79,19 +91,64 @@ def _is_num(x) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What the scheduler admits (docs/reliability.md). `default_limits` derives them from the model and memory."""
+
+    max_rows: int  # rows decoding together; a prompt with n samples takes n
+    max_queue: int  # submissions waiting to join the running rows, a new one included; more: QueueFullError
+    max_kv_tokens: int  # KV-cache positions allocated (rows x padded window); a prompt that can never fit: WontFitError
+
+    def __post_init__(self):
+        for name in ("max_rows", "max_queue", "max_kv_tokens"):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
+                raise ValueError(f"Limits.{name} = {getattr(self, name)!r}: must be an int >= 1")
+
+
+class QueueFullError(RuntimeError):
+    """`max_queue` submissions are waiting already: retry shortly (HTTP 429)."""
+
+
+class WontFitError(ValueError):
+    """A submission larger than the engine's limits could ever admit (HTTP 400)."""
+
+
+def kv_bytes_per_token(cache) -> int:
+    """Bytes one position of one row takes in a KVCache: keys and values of every layer, plus its mask entry."""
+    return sum(t[0, :, 0].numel() * t.element_size() for t in (*cache.k, *cache.v)) + cache.mask.element_size()
+
+
+def default_limits(bytes_per_token: int, context: int, device: torch.device) -> Limits:
+    """KV positions: half the memory free now (at most MAX_ROWS full contexts); rows: one per 1024 of those positions
+    (at most MAX_ROWS); as many submissions may wait as rows run."""
+    kv = max(1, min(MAX_ROWS * context, _free_bytes(device) // 2 // bytes_per_token))
+    rows = max(1, min(MAX_ROWS, kv // 1024))
+    return Limits(max_rows=rows, max_queue=rows, max_kv_tokens=kv)
+
+
+def _free_bytes(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:  # host memory (CPU, and the unified memory of other backends); MemAvailable counts reclaimable cache
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
 @dataclass
 class Generation:
-    """The result of one request (one batch row)."""
+    """The result of one row (one sample of one request)."""
 
     token_ids: list[int]  # generated ids, forced think-closing ids included, the stop token excluded
     finish_reason: str  # "stop" | "length"
     stop_id: int | None  # the stop token that ended it
     prompt_tokens: int  # real (unpadded) prompt tokens, visual slots included
     visual_tokens: int  # <unk> slots filled by the resampler
-    prefill_s: float  # the batch's prefill forward (= time to first token)
+    prefill_s: float  # the prefill step that admitted it (vision, LLM, joining the cache) = time to first token
     decode_s: float  # from the end of prefill until this row finished
     forced_think_end: bool = False  # the engine closed the think block (budget reached)
-    vision_s: float = 0.0  # part of prefill_s: vision tower + resampler + merge (the batch's `embed`)
+    vision_s: float = 0.0  # part of prefill_s: vision tower + resampler + merge (the step's `embed`)
 
     @property
     def completion_tokens(self) -> int:
@@ -101,8 +158,8 @@ class Generation:
 
 @dataclass(frozen=True)
 class Event:
-    """A stream event: `token_id` is a new token of batch row `row`; the row's last event has `generation` set
-    (and `token_id` None)."""
+    """A stream event: `token_id` is a new token of row `row` (batch row b, sample s: b * num_samples + s); the
+    row's last event has `generation` set (and `token_id` None)."""
 
     row: int
     token_id: int | None
@@ -110,130 +167,165 @@ class Event:
     generation: Generation | None = None
 
 
+class _Submission:
+    """One caller's rows: the loop thread puts their Events (or the exception that ended them) in `events`; the
+    caller sets `cancelled` when it stops reading."""
+
+    def __init__(self, rows: int):
+        self.rows, self.events, self.cancelled = rows, queue.SimpleQueue(), threading.Event()
+
+
 @dataclass
 class _Row:
-    """Decoding state of one request."""
+    """Decoding state of one sequence."""
 
+    sub: _Submission
+    index: int  # Event.row
     params: SamplingParams
     stop: frozenset[int]
     limit: int  # max tokens to generate (max_new_tokens, cut by the context length)
     generator: torch.Generator | None
+    prompt_tokens: int
+    visual_tokens: int
     tokens: list[int] = field(default_factory=list)
     forced: list[int] = field(default_factory=list)  # think-closing ids still to emit
     thinking: bool = False  # inside a budgeted think block
     forced_think_end: bool = False
+    prefill_s: float = 0.0
+    vision_s: float = 0.0
+    decode_t0: float = 0.0  # when its prefill ended
+
+
+@dataclass
+class _Group:
+    """A prompt waiting to join: one unpadded processor row ([1, T]) and the rows of its samples."""
+
+    sample: dict
+    rows: list[_Row]
 
 
 class Engine:
-    def __init__(self, model, tokenizer):
+    def __init__(self, model, tokenizer, limits: Limits | None = None):
+        """model: `embed`, `new_cache`, `prefill`, `decode_step` and `config` (MiniCPMV's generation interface)."""
         self.model, self.tokenizer = model, tokenizer
         self.think_end_id = tokenizer.think_end_id
         self.default_think_end = tuple(tokenizer.encode("\n</think>\n\n"))
+        probe = model.new_cache(1, 1)
+        self.device, self.kv_bytes_per_token = probe.mask.device, kv_bytes_per_token(probe)
+        self.limits = limits or default_limits(self.kv_bytes_per_token, self.context_length, self.device)
+        self.cancelled = 0  # submissions dropped because their caller stopped reading
+        self._lock = threading.Lock()  # guards _queue and _thread (callers' threads and the loop thread)
+        self._queue: deque[_Group] = deque()
+        self._thread: threading.Thread | None = None
+        # The loop thread's own state: running row i is cache row i; `_joining` = rows being admitted this step.
+        self._rows: list[_Row] = []
+        self._joining: list[_Row] = []
+        self._cache = None
 
     @property
     def context_length(self) -> int:
         return self.model.config.llm.max_position_embeddings
 
-    def generate(self, batch: dict, params: SamplingParams | Sequence[SamplingParams]) -> list[Generation]:
-        """Run a left-padded batch (`processor.collate(..., padding_side="left")`) to completion."""
-        out = [None] * batch["input_ids"].shape[0]
-        for ev in self.stream(batch, params):
+    def load(self) -> dict:
+        """Rows running and submissions waiting, now (any thread)."""
+        with self._lock:
+            waiting = len({id(g.rows[0].sub) for g in self._queue})
+        return {"running_rows": len(self._rows), "waiting": waiting}
+
+    # ---- the caller's side ----------------------------------------------------------------------------------------
+    def generate(self, batch: dict, params: SamplingParams | Sequence[SamplingParams],
+                 num_samples: int = 1) -> list[Generation]:
+        """Run a left-padded batch (`processor.collate(..., padding_side="left")`) to completion; one Generation
+        per row (b * num_samples + s)."""
+        out = {}
+        for ev in self.stream(batch, params, num_samples):
             if ev.generation is not None:
                 out[ev.row] = ev.generation
-        return out
+        return [out[i] for i in range(len(out))]
 
-    @torch.inference_mode()
-    def stream(self, batch: dict, params: SamplingParams | Sequence[SamplingParams]) -> Iterator[Event]:
-        """Yield an `Event` per generated token as it is produced, and a final one per row with its Generation."""
+    def stream(self, batch: dict, params: SamplingParams | Sequence[SamplingParams],
+               num_samples: int = 1) -> Iterator[Event]:
+        """Yield an `Event` per generated token as it is produced and a final one per row with its Generation.
+        params: one for all rows, one per batch row (a seeded one gives sample s the seed + s) or one per row.
+        Closing the iterator (the caller is gone) drops the rows at the next step."""
+        sub = self._submit(batch, params, num_samples)
+        left = sub.rows
+        try:
+            while left:
+                ev = sub.events.get()
+                if isinstance(ev, BaseException):
+                    raise RuntimeError(f"generation failed: {type(ev).__name__}: {ev}") from ev
+                left -= ev.generation is not None
+                yield ev
+        finally:
+            sub.cancelled.set()
+
+    def _submit(self, batch: dict, params, num_samples: int) -> _Submission:
+        """Validate, check the limits, queue the prompts, wake the loop. Errors are raised here, in the caller."""
         ids, mask = self._check_batch(batch)
-        B, T = ids.shape
+        B, n = ids.shape[0], num_samples
+        if not _is_int(n) or n < 1:
+            raise ValueError(f"Engine: num_samples = {n!r}: must be an int >= 1")
+        if n > self.limits.max_rows:
+            raise WontFitError(f"{n} samples of one prompt need {n} rows at once; this engine runs at most "
+                               f"{self.limits.max_rows} (max_rows)")
+        params = self._params(params, B, n)
+        sub = _Submission(B * n)
+        groups = []
+        for b, sample in enumerate(_split(batch, ids, mask)):
+            T = sample["input_ids"].shape[1]
+            visual = int((sample["image_bound"][0][:, 1] - sample["image_bound"][0][:, 0]).sum())
+            rows = [self._new_row(sub, b * n + s, params[b * n + s], T, visual, b) for s in range(n)]
+            need = n * (T + max(r.limit for r in rows) - 1)
+            if need > self.limits.max_kv_tokens:
+                raise WontFitError(f"row {b}: {n} x ({T} prompt + {need // n - T + 1} new tokens - 1) = {need} KV-cache "
+                                   f"positions, more than this engine holds ({self.limits.max_kv_tokens}, "
+                                   f"max_kv_tokens); ask for fewer new tokens or samples, or shorten the prompt")
+            groups.append(_Group(sample, rows))
+        with self._lock:
+            waiting = len({id(g.rows[0].sub) for g in self._queue})
+            if waiting >= self.limits.max_queue:
+                raise QueueFullError(f"{waiting} requests are waiting already (max_queue {self.limits.max_queue})")
+            self._queue.extend(groups)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="vlmcook-engine", daemon=True)
+                self._thread.start()
+        return sub
+
+    def _params(self, params, B: int, n: int) -> list[SamplingParams]:
         params = [params] * B if isinstance(params, SamplingParams) else list(params)
-        if len(params) != B or not all(isinstance(p, SamplingParams) for p in params):
+        if n > 1 and len(params) == B:  # per prompt: its samples need distinct seeds
+            params = [p if p.seed is None else replace(p, seed=p.seed + s) for p in params for s in range(n)]
+        if len(params) != B * n or not all(isinstance(p, SamplingParams) for p in params):
+            per_row = f" or per sample ({B} x {n})" if n > 1 else ""
             raise ValueError(f"Engine: got {len(params)} params for a batch of {B} rows; give one SamplingParams "
-                             f"or a list of one per row")
-        prompt_lens = mask.sum(1).tolist()
-        rows = [self._new_row(p, n, b) for b, (p, n) in enumerate(zip(params, prompt_lens))]
-        visual = [int((bd[:, 1] - bd[:, 0]).sum()) if len(bd) else 0
-                  for bd in (torch.as_tensor(x).reshape(-1, 2) for x in batch.get("image_bound") or [[]] * B)]
-        llm = self.model.llm
-        t0 = time.perf_counter()
-        cache = llm.new_cache(B, T + max(r.limit for r in rows))
-        embeds = self._embed(ids, batch)  # [B, T, D]
-        t_vision = time.perf_counter() - t0
-        logits = llm.lm_head(llm.model(inputs_embeds=embeds, attention_mask=mask, cache=cache)[:, -1])  # [B, V]
-        t1 = time.perf_counter()
-        active = list(range(B))  # batch row of each cache row
-        while active:
-            next_ids, keep = [], []
-            for i, b in enumerate(active):
-                r = rows[b]
-                tok, forced = self._next_token(r, logits[i])
-                if tok in r.stop and not forced:
-                    yield Event(b, None, generation=self._done(r, "stop", tok, prompt_lens[b], visual[b], t1 - t0,
-                                                               t1, t_vision))
-                    continue
-                r.tokens.append(tok)
-                yield Event(b, tok, forced=forced)
-                if len(r.tokens) >= r.limit:
-                    yield Event(b, None, generation=self._done(r, "length", None, prompt_lens[b], visual[b],
-                                                               t1 - t0, t1, t_vision))
-                    continue
-                next_ids.append(tok)
-                keep.append(i)
-            if not keep:
-                break
-            if len(keep) < len(active):
-                cache.select(keep)
-                active = [active[i] for i in keep]
-            step = torch.tensor(next_ids, dtype=torch.long, device=ids.device)[:, None]  # [b, 1]
-            logits = llm.lm_head(llm.model(input_ids=step, cache=cache)[:, -1])
+                             f"or a list of one per row{per_row}")
+        return params
 
-    def _embed(self, ids: torch.Tensor, batch: dict) -> torch.Tensor:
-        """Merged text + visual embeddings [B, T, D] (rows without visuals keep their text embeddings)."""
-        return self.model.embed(ids, batch.get("pixel_values"), batch.get("temporal_ids"), batch.get("image_bound"))
-
-    # ---- per-request state --------------------------------------------------------------------------------------
-    def _new_row(self, p: SamplingParams, prompt_len: int, b: int) -> _Row:
+    def _new_row(self, sub: _Submission, index: int, p: SamplingParams, prompt_len: int, visual: int,
+                 b: int) -> _Row:
         ctx = self.context_length
         if prompt_len >= ctx:
             raise ValueError(f"row {b}: the prompt is {prompt_len} tokens, the model's context is {ctx} "
                              f"(max_position_embeddings); no room to generate")
         gen = None
-        if p.temperature > 0:
+        if p.temperature > 0:  # a CPU generator on any device: it draws one number per token
             seed = p.seed if p.seed is not None else int(torch.randint(0, 2**62, ()))
-            gen = torch.Generator(device=self.model.llm.lm_head.weight.device).manual_seed(seed)
+            gen = torch.Generator().manual_seed(seed)
         stop = frozenset(self.tokenizer.stop_ids if p.stop_ids is None else p.stop_ids)
-        return _Row(p, stop, min(p.max_new_tokens, ctx - prompt_len), gen, thinking=p.think_budget is not None)
-
-    def _next_token(self, r: _Row, logits: torch.Tensor) -> tuple[int, bool]:
-        """Sample (or force) the next token of one request; track its think block."""
-        p = r.params
-        if r.thinking and not r.forced and len(r.tokens) >= p.think_budget:
-            r.forced = list(p.think_end_ids or self.default_think_end)
-            r.thinking, r.forced_think_end = False, True
-        if r.forced:
-            return r.forced.pop(0), True
-        tok = sample(logits, p, r.tokens, r.generator)
-        if tok == self.think_end_id:
-            r.thinking = False
-        return tok, False
-
-    @staticmethod
-    def _done(r: _Row, reason: str, stop_id, prompt_len: int, visual: int, prefill_s: float, t1: float,
-              vision_s: float) -> Generation:
-        return Generation(list(r.tokens), reason, stop_id, prompt_len, visual, prefill_s, time.perf_counter() - t1,
-                          r.forced_think_end, vision_s)
+        return _Row(sub, index, p, stop, min(p.max_new_tokens, ctx - prompt_len), gen, prompt_len, visual,
+                    thinking=p.think_budget is not None)
 
     def _check_batch(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> input_ids [B, T], attention_mask [B, T]; every row must be left-padded (real tokens at the end)."""
+        """-> input_ids [B, T], attention_mask [B, T]; rows left-padded, ids in the vocabulary, visual slots
+        matching the packages (a bad row must fail here, not inside a step shared with other callers)."""
         if not isinstance(batch, dict) or "input_ids" not in batch:
             raise ValueError("Engine: batch must be a dict from processor.collate(..., padding_side='left')")
-        device = self.model.llm.lm_head.weight.device
-        ids = batch["input_ids"].to(device)
+        ids = batch["input_ids"].to(self.device)
         if ids.ndim != 2 or ids.shape[1] == 0:
             raise ValueError(f"Engine: input_ids has shape {tuple(ids.shape)}, expected [B, T] with T >= 1")
         mask = batch.get("attention_mask")
-        mask = torch.ones_like(ids) if mask is None else mask.to(device).long()
+        mask = torch.ones_like(ids) if mask is None else mask.to(self.device).long()
         if mask.shape != ids.shape:
             raise ValueError(f"Engine: attention_mask {tuple(mask.shape)} != input_ids {tuple(ids.shape)}")
         # Left padding <=> the mask never goes 1 -> 0 along a row, and the last position is real.
@@ -244,39 +336,264 @@ class Engine:
         vocab = self.model.config.llm.vocab_size
         if int(ids.min()) < 0 or int(ids.max()) >= vocab:
             raise ValueError(f"Engine: input_ids outside the model's vocabulary [0, {vocab})")
+        B, T, Q = *ids.shape, self.model.config.query_num
+        views, packages, bounds = (batch.get(k) or [[]] * B for k in ("pixel_values", "temporal_ids", "image_bound"))
+        pads = (mask == 0).sum(1).tolist()
+        for b in range(B):
+            flat = torch.as_tensor(bounds[b], dtype=torch.long).flatten()  # [s0, e0, s1, e1, ...]
+            slots = int((flat[1::2] - flat[0::2]).sum())
+            inside = len(flat) == 0 or (flat[0] >= pads[b] and flat[-1] <= T and bool((flat.diff() >= 0).all()))
+            if not inside or slots != len(packages[b]) * Q or sum(map(len, packages[b])) != len(views[b]):
+                raise ValueError(f"Engine: row {b}: image_bound {flat.reshape(-1, 2).tolist()} must be ordered spans "
+                                 f"inside the prompt covering {len(packages[b])} package(s) x {Q} slots, and the "
+                                 f"packages must cover its {len(views[b])} view(s)")
         return ids, mask
 
+    # ---- the loop ----------------------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._lock:
+                    if not self._queue and not self._rows:
+                        self._thread = None
+                        return
+                try:
+                    self.step()
+                except Exception as e:  # out of memory, a bug: the rows in flight get it, the engine goes on
+                    for r in (*self._rows, *self._joining):
+                        r.sub.events.put(e)
+                    self._rows, self._joining, self._cache = [], [], None
 
-# ---- sampling (pure functions) -----------------------------------------------------------------------------------
-def apply_repetition_penalty(logits: torch.Tensor, seen: Sequence[int], penalty: float) -> torch.Tensor:
-    """HF's rule on logits [V]: for each distinct seen id, logit < 0 -> logit * penalty, else logit / penalty."""
-    if penalty == 1.0 or not seen:
+    def step(self) -> None:
+        """One iteration: drop cancelled rows, decode the running rows, prefill the arrivals that fit, sample one
+        token for every row, emit it, drop the rows that finished."""
+        self._keep([i for i, r in enumerate(self._rows) if not r.sub.cancelled.is_set()], cancelled=True)
+        groups = self._admit()
+        self._joining = [r for g in groups for r in g.rows]
+        logits = []
+        if self._rows:  # each running row feeds the token it emitted last
+            last = torch.tensor([r.tokens[-1] for r in self._rows], device=self.device)
+            logits.append(self.model.decode_step(last, self._cache))  # [R, V]
+        if groups:
+            logits.append(self._prefill(groups))  # [rows of the arrivals, V]
+        self._rows, self._joining = self._rows + self._joining, []
+        if logits:
+            self._advance(torch.cat(logits))
+
+    def _admit(self) -> list[_Group]:
+        """Waiting prompts, first come first served, while the rows and the padded KV window they need fit."""
+        lim, rows = self.limits, len(self._rows)
+        live = self._live() + bool(self._rows)  # positions in use once this step's decode has written its token
+        room = max((r.limit - len(r.tokens) - 1 for r in self._rows), default=0)  # positions still to come
+        out = []
+        with self._lock:
+            while self._queue:
+                g = self._queue[0]
+                if g.rows[0].sub.cancelled.is_set():
+                    self._queue.popleft()
+                    self.cancelled += 1
+                    continue
+                n, T = len(g.rows), g.sample["input_ids"].shape[1]
+                rows2, live2, room2 = rows + n, max(live, T), max(room, max(r.limit for r in g.rows) - 1)
+                if rows2 > lim.max_rows or rows2 * (live2 + room2) > lim.max_kv_tokens:
+                    if rows == 0:  # alone it does not fit either (the limits were lowered after it was queued)
+                        self._queue.popleft().rows[0].sub.events.put(WontFitError(f"over the limits {lim}"))
+                        continue
+                    break
+                out.append(self._queue.popleft())
+                rows, live, room = rows2, live2, room2
+        return out
+
+    def _live(self) -> int:
+        """Cache positions from the first one a running row still uses to the write position."""
+        if self._cache is None:
+            return 0
+        used = self._cache.mask[:, :self._cache.length].any(0)
+        return self._cache.length - int(used.int().argmax())
+
+    def _prefill(self, groups: list[_Group]) -> torch.Tensor:
+        """The arrivals' prompts in one left-padded forward (vision included); their KV rows, repeated for their
+        samples, join the cache -> next-token logits [rows, V]."""
+        t0 = time.perf_counter()
+        batch = collate([g.sample for g in groups], self.tokenizer.pad_id, "left")
+        ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
+        embeds = self.model.embed(ids, batch["pixel_values"], batch["temporal_ids"], batch["image_bound"])
+        t_vision = time.perf_counter() - t0
+        cache = self.model.new_cache(len(groups), ids.shape[1])
+        logits = self.model.prefill(embeds, mask, cache)  # [G, V]
+        repeat = torch.tensor([i for i, g in enumerate(groups) for _ in g.rows], device=self.device)
+        room = max(r.limit - len(r.tokens) - 1 for r in (*self._rows, *self._joining))
+        self._cache = join_caches(self._cache, cache.select(repeat), room)
+        t1 = time.perf_counter()
+        for r in self._joining:
+            r.prefill_s, r.vision_s, r.decode_t0 = t1 - t0, t_vision, t1
+        return logits[repeat]
+
+    def _advance(self, logits: torch.Tensor) -> None:
+        """The next token of every row (forced, or sampled in one call), its events; finished rows leave."""
+        rows = self._rows
+        forced = [self._forced(r) for r in rows]
+        todo = [i for i, f in enumerate(forced) if f is None]
+        tokens = list(forced)
+        if todo:
+            picked = sample(logits[todo], [rows[i].params for i in todo], [rows[i].tokens for i in todo],
+                            [rows[i].generator for i in todo])
+            for i, tok in zip(todo, picked):
+                tokens[i] = tok
+        keep = []
+        for i, (r, tok) in enumerate(zip(rows, tokens)):
+            sampled = forced[i] is None
+            if sampled and tok == self.think_end_id:
+                r.thinking = False
+            if sampled and tok in r.stop:
+                self._finish(r, "stop", tok)
+                continue
+            r.tokens.append(tok)
+            r.sub.events.put(Event(r.index, tok, forced=not sampled))
+            if len(r.tokens) >= r.limit:
+                self._finish(r, "length", None)
+                continue
+            keep.append(i)
+        self._keep(keep)
+
+    def _forced(self, r: _Row) -> int | None:
+        """The think-closing token this row must emit now (its budget is spent), else None (sample)."""
+        if r.thinking and not r.forced and len(r.tokens) >= r.params.think_budget:
+            r.forced = list(r.params.think_end_ids or self.default_think_end)
+            r.thinking, r.forced_think_end = False, True
+        return r.forced.pop(0) if r.forced else None
+
+    @staticmethod
+    def _finish(r: _Row, reason: str, stop_id: int | None) -> None:
+        g = Generation(list(r.tokens), reason, stop_id, r.prompt_tokens, r.visual_tokens, r.prefill_s,
+                       time.perf_counter() - r.decode_t0, r.forced_think_end, r.vision_s)
+        r.sub.events.put(Event(r.index, None, generation=g))
+
+    def _keep(self, keep: list[int], cancelled: bool = False) -> None:
+        """Keep only these running rows (and their cache rows), in this order."""
+        if len(keep) == len(self._rows):
+            return
+        if cancelled:
+            kept = set(keep)
+            self.cancelled += len({id(r.sub) for i, r in enumerate(self._rows) if i not in kept})
+        self._rows = [self._rows[i] for i in keep]
+        self._cache = self._cache.select(keep) if keep else None
+
+
+def _split(batch: dict, ids: torch.Tensor, mask: torch.Tensor) -> list[dict]:
+    """A left-padded batch -> one unpadded processor row ([1, T_b]) per prompt, its image_bound shifted back."""
+    B = ids.shape[0]
+    views, packages, bounds = (batch.get(k) or [[]] * B for k in ("pixel_values", "temporal_ids", "image_bound"))
+    out = []
+    for b, pad in enumerate((mask == 0).sum(1).tolist()):
+        bound = torch.as_tensor(bounds[b], dtype=torch.long).reshape(-1, 2) - pad
+        out.append({"input_ids": ids[b:b + 1, pad:], "attention_mask": mask[b:b + 1, pad:],
+                    "pixel_values": [views[b]], "temporal_ids": [packages[b]], "image_bound": [bound]})
+    return out
+
+
+def join_caches(a, b, room: int):
+    """The rows of KVCache `a` (or None) then those of `b`, right-aligned on the newest position, in `b`'s object:
+    columns no row uses any more are trimmed from the left and `room` free ones added at the end. Built one layer at
+    a time, freeing the old layers as it goes: the peak is the two caches plus one layer."""
+    parts = [c for c in (a, b) if c is not None]
+    spans = []  # (first column any row uses, length) of each part
+    for c in parts:
+        used = c.mask[:, :c.length].any(0)
+        spans.append((int(used.int().argmax()), c.length))
+    L = max(end - start for start, end in spans)
+    rows = sum(c.batch_size for c in parts)
+
+    def stack(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:  # dim: the position axis
+        shape = list(tensors[0].shape)
+        shape[0], shape[dim] = rows, L + room
+        out, r = tensors[0].new_zeros(shape), 0  # zeros: padded keys must stay finite (0 x NaN is NaN)
+        for t, (start, end) in zip(tensors, spans):
+            out[r:r + t.shape[0]].narrow(dim, L - (end - start), end - start).copy_(t.narrow(dim, start, end - start))
+            r += t.shape[0]
+        return out
+
+    mask = stack([c.mask for c in parts], 1)
+    for i in range(len(b.k)):
+        for name in ("k", "v"):
+            layers = [getattr(c, name) for c in parts]
+            new = stack([layer[i] for layer in layers], 2)
+            for layer in layers:
+                layer[i] = None
+            getattr(b, name)[i] = new
+    b.mask, b.max_len, b.length = mask, L + room, L
+    return b
+
+
+# ---- sampling: one call for a batch of rows, no row influencing another ----------------------------------------------
+def apply_repetition_penalty(logits: torch.Tensor, seen: Sequence[Sequence[int]],
+                             penalty: Sequence[float]) -> torch.Tensor:
+    """HF's rule per row of logits [B, V]: each distinct id in seen[b]: logit < 0 -> logit * penalty[b], else
+    logit / penalty[b]."""
+    rows = [b for b in range(len(seen)) if penalty[b] != 1.0 and len(seen[b])]
+    if not rows:
         return logits
-    idx = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
-    picked = logits[idx]
+    hit = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=logits.device)
+    hit[torch.tensor([i for i, b in enumerate(rows) for _ in seen[b]]),
+        torch.tensor([t for b in rows for t in seen[b]])] = True
+    pen = torch.tensor([penalty[b] for b in rows], dtype=logits.dtype, device=logits.device)[:, None]
+    x = logits[rows]
     logits = logits.clone()
-    logits[idx] = torch.where(picked < 0, picked * penalty, picked / penalty)
+    logits[rows] = torch.where(hit, torch.where(x < 0, x * pen, x / pen), x)
     return logits
 
 
-def filter_top_k_top_p(logits: torch.Tensor, top_k: int, top_p: float) -> torch.Tensor:
-    """HF's TopK then TopP warpers on logits [V] (removed entries -> -inf; the most likely token always stays)."""
-    if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, -math.inf)
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits)  # ascending
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum <= 1 - top_p
-        drop[-1] = False
-        logits = logits.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), -math.inf)
-    return logits
+def top_k_top_p(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's TopK then TopP warpers per row of logits x [B, V], as candidates: values [B, K] sorted descending (-inf
+    where removed) and their ids [B, K]. K is the largest top-k, or V when a row has top-p alone (a full sort)."""
+    B, V = x.shape
+    k = torch.tensor([t if 0 < t < V else V for t in top_k], device=x.device)[:, None]
+    K = int(k.max())
+    vals, ids = x.topk(K) if K < V else x.sort(descending=True)
+    kth = vals.gather(1, k.clamp(max=K) - 1)  # [B, 1] the k-th largest value (HF keeps ties with it)
+    if K < V and bool(((vals[:, -1:] == kth) & (kth > -math.inf)).any()):  # ties may go on past K
+        vals, ids = x.sort(descending=True)
+    vals = vals.masked_fill(vals < kth, -math.inf)
+    # HF drops a token when the ascending cumulative probability up to it is <= 1 - p, i.e. when the tokens above it
+    # hold >= p of the mass; the top token always stays. Unnormalised weights: no sum over the row.
+    w = (vals - vals[:, :1]).exp().double()
+    cum = w.cumsum(-1)
+    p = torch.tensor(top_p, dtype=torch.float64, device=x.device)[:, None]
+    return vals.masked_fill((cum - w >= p * cum[:, -1:]) & (p < 1), -math.inf), ids
 
 
-def sample(logits: torch.Tensor, p: SamplingParams, seen: Sequence[int], generator: torch.Generator | None) -> int:
-    """One token id from logits [V] under params p, given the ids generated so far."""
-    logits = apply_repetition_penalty(logits.float(), seen, p.repetition_penalty)
-    if p.temperature == 0:
-        return int(logits.argmax())
-    logits = filter_top_k_top_p(logits / p.temperature, p.top_k, p.top_p)
-    return int(torch.multinomial(logits.softmax(-1), 1, generator=generator))
+def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seen: Sequence[Sequence[int]],
+           generators: Sequence[torch.Generator | None]) -> list[int]:
+    """One token id per row of logits [B, V]: row b under params[b], given its generated ids seen[b], drawing one
+    uniform from generators[b] (None on greedy rows). Every operation is per row (maxima, sorts, prefix sums), so a
+    row gets the same token alone or in any batch."""
+    logits = apply_repetition_penalty(logits.float(), seen, [p.repetition_penalty for p in params])
+    out = logits.argmax(-1)
+    hot = [b for b, p in enumerate(params) if p.temperature > 0]
+    if not hot:
+        return out.tolist()
+    V = logits.shape[1]
+    temp = torch.tensor([params[b].temperature for b in hot], device=logits.device)[:, None]
+    x = logits[hot]
+    x = (x - x.amax(-1, keepdim=True)) / temp  # <= 0, finite or -inf for any temperature > 0
+    u = torch.tensor([float(torch.rand((), generator=generators[b], dtype=torch.float64)) for b in hot],
+                     dtype=torch.float64, device=logits.device)
+    filtered = torch.tensor([0 < params[b].top_k < V or params[b].top_p < 1 for b in hot], device=logits.device)
+    picked = torch.empty(len(hot), dtype=torch.long, device=logits.device)
+    if not filtered.all():  # the whole vocabulary, in id order
+        picked[~filtered] = _draw(x[~filtered].exp(), u[~filtered])
+    if filtered.any():  # the candidates, in descending order
+        f = filtered.nonzero().flatten().tolist()
+        vals, ids = top_k_top_p(x[f], [params[hot[i]].top_k for i in f], [params[hot[i]].top_p for i in f])
+        picked[f] = ids.gather(1, _draw(vals.exp(), u[f])[:, None])[:, 0]
+    out[hot] = picked
+    return out.tolist()
+
+
+def _draw(weights: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse CDF per row of non-negative weights [B, K] with uniforms u [B] in [0, 1) -> positions [B]; a zero
+    weight is never picked."""
+    cdf = weights.double().cumsum(-1)
+    total = cdf[:, -1:]
+    target = torch.minimum(u[:, None] * total, torch.nextafter(total, torch.zeros_like(total)))  # < total
+    return torch.searchsorted(cdf, target, right=True)[:, 0]

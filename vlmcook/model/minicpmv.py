@@ -107,6 +107,21 @@ class MiniCPMV(nn.Module):
         logits = self.llm.lm_head(hidden[:, :-1][keep]).float()  # [n, V]
         return ModelOutput(logits=None, loss=F.cross_entropy(logits, targets[keep]), num_label_tokens=n)
 
+    # ---- generation: what the inference engine calls -----------------------------------------------------------
+    def new_cache(self, batch_size: int, max_len: int) -> KVCache:
+        """An empty KVCache on this model's device and dtype."""
+        return self.llm.new_cache(batch_size, max_len)
+
+    def prefill(self, embeds: torch.Tensor, attention_mask: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Left-padded embeddings [B, T, D] (from `embed`) and their mask [B, T] into an empty cache -> next-token
+        logits [B, V]. Only the last position goes through the LM head (151k wide in the release)."""
+        hidden = self.llm.model(inputs_embeds=embeds, attention_mask=attention_mask, cache=cache)  # [B, T, D]
+        return self.llm.lm_head(hidden[:, -1])
+
+    def decode_step(self, token_ids: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """One new token per cache row, token_ids [B] -> next-token logits [B, V]; the cache grows by one position."""
+        return self.llm.lm_head(self.llm.model(input_ids=token_ids[:, None], cache=cache)[:, -1])
+
 
 def _bound_positions(bounds, T: int) -> torch.Tensor:
     """[n, 2] half-open spans -> the positions they cover, in order."""

@@ -73,17 +73,20 @@ def make_groups(tasks: list[Task], modes: list[bool], processor, keys: list[str]
 @torch.no_grad()
 def rollout(engine: Engine, groups: list[Group], G: int, max_new_tokens: int, temperature: float = 1.0,
             top_p: float = 1.0, seed: int = 0, step: int = 0, rows_per_call: int = 64) -> list[Group]:
-    """Fill each group with G completions (in place; also returned). Rows are batched rows_per_call at a time."""
+    """Fill each group with G completions (in place; also returned). Each prompt is prefilled once (vision
+    included) and its G samples decoded from copies of its KV rows; rows_per_call // G prompts per engine call."""
     tok = engine.tokenizer
-    jobs = [(i, g) for i in range(len(groups)) for g in range(G)]
-    for k in range(0, len(jobs), rows_per_call):
-        chunk = jobs[k:k + rows_per_call]
-        batch = collate([groups[i].prompt for i, _ in chunk], tok.pad_id, padding_side="left")
+    per_call = max(1, rows_per_call // G)
+    for k in range(0, len(groups), per_call):
+        chunk = range(k, min(k + per_call, len(groups)))
+        batch = collate([groups[i].prompt for i in chunk], tok.pad_id, padding_side="left")
         params = [SamplingParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 seed=sample_seed(seed, step, groups[i].key or i, g)) for i, g in chunk]
-        for (i, _), gen in zip(chunk, engine.generate(batch, params)):
+                                 seed=sample_seed(seed, step, groups[i].key or i, g)) for i in chunk for g in range(G)]
+        gens = engine.generate(batch, params, num_samples=G)  # row i * G + g: sample g of prompt chunk[i]
+        for j, gen in enumerate(gens):
             ids = list(gen.token_ids) + ([gen.stop_id] if gen.stop_id is not None else [])
-            groups[i].completions.append(Completion(ids, tok.decode(gen.token_ids), gen.finish_reason == "length"))
+            groups[chunk[j // G]].completions.append(Completion(ids, tok.decode(gen.token_ids),
+                                                                gen.finish_reason == "length"))
     return groups
 
 
