@@ -74,6 +74,7 @@ class ChatChunk:
     finish_reason: str | None = None  # set on the final chunk only
     usage: Usage | None = None  # final chunk only
     result: ChatResult | None = None  # final chunk only: the same ChatResult chat(stream=False) returns
+    index: int = 0  # which of chat(n=...)'s samples this chunk belongs to
 
 
 # ---- reasoning / answer split ------------------------------------------------------------------------------------
@@ -160,23 +161,24 @@ class ChatModel:
              top_k: int | None = None, repetition_penalty: float | None = None, seed: int | None = None,
              think_budget: int | None = None, fps: float | None = None, max_frames: int | None = None,
              packing: int | None = None, max_visual_tokens: int | None = None,
-             max_slice_nums: int | None = None) -> ChatResult | Iterator[ChatChunk]:
+             max_slice_nums: int | None = None,
+             n: int = 1) -> ChatResult | list[ChatResult] | Iterator[ChatChunk]:
         """Answer a conversation (a str = one user message; else the processor's message format). Sampling
         arguments left None take the mode's preset (SAMPLING_PRESETS); max_new_tokens None = DEFAULT_MAX_NEW_TOKENS cut to
         the context left, an explicit value that does not fit raises ContextLengthError. Video knobs fill every
         video item that does not set its own. stream=True returns an iterator of ChatChunk whose last chunk
-        carries the ChatResult; bad input raises here, before any chunk."""
+        carries the ChatResult; bad input raises here, before any chunk. n > 1: n samples from one prefill (a seed
+        gives sample s the seed + s), a list of n ChatResults, or chunks of all of them told apart by `index`."""
         t0 = time.perf_counter()
         sample, params = self._prepare(messages, images, thinking, max_new_tokens, temperature, top_p, top_k,
                                        repetition_penalty, seed, think_budget, fps, max_frames, packing,
                                        max_visual_tokens, max_slice_nums)
-        chunks = self._stream(sample, params, thinking, time.perf_counter() - t0)
+        chunks = self._stream(sample, params, thinking, time.perf_counter() - t0, n)
         if stream:
             return chunks
-        for chunk in chunks:
-            if chunk.result is not None:
-                return chunk.result
-        raise AssertionError("the stream ended without a final chunk")
+        results = {c.index: c.result for c in chunks if c.result is not None}
+        assert len(results) == n, "the stream ended without a final chunk"
+        return results[0] if n == 1 else [results[i] for i in range(n)]
 
     def chat_batch(self, requests: Sequence[dict]) -> list[ChatResult]:
         """Independent requests (each a dict of `chat` arguments, without stream) decoded together in one batch."""
@@ -224,23 +226,26 @@ class ChatModel:
             params = replace(params, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, context - sample["input_ids"].shape[1]))
         return sample, params
 
-    def _stream(self, sample: dict, params: SamplingParams, thinking: bool, prep_s: float) -> Iterator[ChatChunk]:
-        detok = _Detokenizer(self.tokenizer)
-        sent_r = sent_a = ""
-        for ev in self.engine.stream(collate([sample], self.tokenizer.pad_id, "left"), params):
+    def _stream(self, sample: dict, params: SamplingParams, thinking: bool, prep_s: float,
+                n: int = 1) -> Iterator[ChatChunk]:
+        detoks = [_Detokenizer(self.tokenizer) for _ in range(n)]
+        sent = [["", ""] for _ in range(n)]  # reasoning / answer sent so far, per sample
+        for ev in self.engine.stream(collate([sample], self.tokenizer.pad_id, "left"), params, num_samples=n):
+            i, detok = ev.row, detoks[ev.row]
+            sent_r, sent_a = sent[i]
             if ev.generation is not None:
                 res = self._result(ev.generation, thinking, prep_s, sample.get("count"))
                 # The rest: bytes still pending, held-back tags / newlines (the prefix property is tested).
                 yield ChatChunk(res.text[len(detok.text):], res.reasoning[len(sent_r):], res.answer[len(sent_a):],
-                                split_output(res.text, thinking)[2], res.finish_reason, res.usage, res)
-                return
+                                split_output(res.text, thinking)[2], res.finish_reason, res.usage, res, i)
+                continue
             piece = detok.add(ev.token_id)
             if not piece:
                 continue
             r, a, open_block = stable_split(detok.text, thinking)
             dr, da = r[len(sent_r):], a[len(sent_a):]
-            sent_r, sent_a = sent_r + dr, sent_a + da
-            yield ChatChunk(piece, dr, da, open_block)
+            sent[i] = [sent_r + dr, sent_a + da]
+            yield ChatChunk(piece, dr, da, open_block, index=i)
 
     def _result(self, g: Generation, thinking: bool, prep_s: float, prompt: TokenCount | None) -> ChatResult:
         text = self.tokenizer.decode(g.token_ids)

@@ -278,8 +278,8 @@ class Engine:
             rows = [self._new_row(sub, b * n + s, params[b * n + s], T, visual, b) for s in range(n)]
             need = n * (T + max(r.limit for r in rows) - 1)
             if need > self.limits.max_kv_tokens:
-                raise WontFitError(f"row {b}: {n} x ({T} prompt + {need // n - T + 1} new tokens - 1) = {need} KV-cache "
-                                   f"positions, more than this engine holds ({self.limits.max_kv_tokens}, "
+                raise WontFitError(f"row {b}: {n} x ({T} prompt + {need // n - T + 1} new tokens - 1) = {need} "
+                                   f"KV-cache positions, more than this engine holds ({self.limits.max_kv_tokens}, "
                                    f"max_kv_tokens); ask for fewer new tokens or samples, or shorten the prompt")
             groups.append(_Group(sample, rows))
         with self._lock:
