@@ -405,7 +405,7 @@ def test_bad_inputs(tiny, tmp_path):
         tiny([{"role": "user", "content": [3]}])
     with pytest.raises(ValueError, match="packages hold 2 frames but 3 frames"):
         tiny([{"role": "user", "content": [{"type": "video", "frames": _frames(3, 32, 32), "packages": [[0, 1]]}]}])
-    with pytest.raises(ValueError, match="a package holds 7 frames; the resampler takes at most 6"):
+    with pytest.raises(ValueError, match="a package holds 7 frames; a package takes at most 6"):
         tiny([{"role": "user", "content": [{"type": "video", "frames": _frames(7, 32, 32),
                                             "packages": [list(range(7))]}]}])
     with pytest.raises(ValueError, match="unknown key\\(s\\) \\['speed'\\]"):

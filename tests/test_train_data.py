@@ -271,12 +271,3 @@ def test_segment_mask_and_positions_by_hand():
                  [0, 0, 1, 1, 1, 0],
                  [0, 0, 0, 0, 0, 1]]  # the pad query sees only itself (no empty softmax row)
     assert torch.equal(segment_mask(seg)[1, 0], torch.ones(6, 6, dtype=torch.bool).tril())
-
-
-def test_segment_ids_refuse_a_cache():
-    model = MiniCPMV(CFG)
-    with pytest.raises(ValueError, match="segment_ids"):
-        model.llm.model(input_ids=torch.ones(1, 4, dtype=torch.long), segment_ids=torch.ones(1, 4),
-                        cache=model.llm.new_cache(1, 8))
-    with pytest.raises(ValueError, match="segment_ids"):
-        model.llm.model(input_ids=torch.ones(1, 4, dtype=torch.long), segment_ids=torch.ones(1, 5))

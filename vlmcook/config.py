@@ -81,7 +81,6 @@ class ResamplerConfig:
     num_heads: int = 32  # the release derives embed_dim // 128
     kv_dim: int = 1152  # = vision hidden size
     layer_norm_eps: float = 1e-6
-    max_frames_per_package: int = 6  # the paper's package limit (the reference code does not enforce one)
 
     def __post_init__(self):
         _check_fields(self, "resampler.")

@@ -26,6 +26,7 @@ from PIL import Image
 
 from vlmcook.config import MiniCPMVConfig
 from vlmcook.data import chat
+from vlmcook.data import video as vid  # limits and the opened file; PyAV itself is imported only to open a video
 from vlmcook.data.image import IMAGE_MARKER, ImageError, ImageLayout, describe, image_layout, image_size, load_image, \
     normalize, view_images
 
@@ -35,9 +36,6 @@ VIDEO_KNOBS = ("fps", "max_frames", "packing", "max_visual_tokens")  # how a vid
 _PART_KEYS = {"text": {"type", "text"}, "image": {"type", "image"},
               "video": {"type", "video", "frames", "packages", "max_slice_nums", "use_image_id", *VIDEO_KNOBS}}
 _MESSAGE_KEYS = {"role", "content", "reasoning_content"}
-# Decoded RGB pixels one call may hold (images + video frames, from headers, before decoding): ~3 GB as uint8.
-# A 1-minute 1080p clip at 5 fps is 0.6 G; the bound stops crafted requests (64 frames of 8k x 8k), not real use.
-MAX_PIXELS = 1_000_000_000
 
 
 class ContextLengthError(ValueError):
@@ -100,11 +98,11 @@ class TokenCount:
 
 
 class Processor:
-    def __init__(self, tokenizer, config: MiniCPMVConfig, max_pixels: int = MAX_PIXELS):
+    def __init__(self, tokenizer, config: MiniCPMVConfig, max_decoded_bytes: int = vid.MAX_DECODED_BYTES):
         if tokenizer.vocab_size > config.llm.vocab_size:
             raise ValueError(f"tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is "
                              f"{config.llm.vocab_size}")
-        self.tokenizer, self.config, self.max_pixels = tokenizer, config, max_pixels
+        self.tokenizer, self.config, self.max_decoded_bytes = tokenizer, config, max_decoded_bytes
         self.query_num, self.patch = config.query_num, config.patch_size
         self._newline = tokenizer.encode("\n")
 
@@ -271,8 +269,6 @@ class Processor:
         return _Planned(v, layout, [[-1]], use_image_id, pixels=size[0] * size[1])
 
     def _plan_video(self, v: _Visual, call_slices: int | None, call_use_id: bool | None) -> _Planned:
-        from vlmcook.data import video as vid  # PyAV is an optional extra; only videos need it
-
         # item setting > explicit call setting (applied to every image and frame, as released) > README video default
         slices = _positive_int(v.opts.get("max_slice_nums", 1 if call_slices is None else call_slices),
                                f"{v.where}: max_slice_nums")
@@ -284,7 +280,7 @@ class Processor:
             return self._planned_video(v, self._layout(clip.frames[0].size, slices), clip.plan, use_id, clip.frames)
         knobs = {k: v.opts.get(k) for k in VIDEO_KNOBS}
         try:
-            vid._check_knobs(**knobs, query_num=self.query_num)
+            vid.check_knobs(**knobs, query_num=self.query_num)
         except ValueError as e:
             raise ValueError(f"{v.where}: {e}") from None
         video = vid.open_video(v.src)  # closed by _build, after decoding (or right after planning)
@@ -321,10 +317,9 @@ class Processor:
         if sum(len(p) for p in packages) != len(frames):
             raise ValueError(f"{v.where}: packages hold {sum(len(p) for p in packages)} frames but "
                              f"{len(frames)} frames were given")
-        longest = self.config.resampler.max_frames_per_package
-        if max(len(p) for p in packages) > longest:
-            raise ValueError(f"{v.where}: a package holds {max(len(p) for p in packages)} frames; the resampler "
-                             f"takes at most {longest} (config.resampler.max_frames_per_package)")
+        if max(len(p) for p in packages) > vid.MAX_PACKING:
+            raise ValueError(f"{v.where}: a package holds {max(len(p) for p in packages)} frames; a package takes at "
+                             f"most {vid.MAX_PACKING} (the paper's limit)")
         frames = [load_image(f, f"{v.where} frame {k}") for k, f in enumerate(frames)]
         if len({f.size for f in frames}) > 1:
             raise ValueError(f"{v.where}: frames of one video must share one size, got "
@@ -394,10 +389,11 @@ class Processor:
 
     def _layout_ids(self, planned: list[_Planned], chunks: list[str], max_length, reserve, decode: bool):
         """Checks (pixels, length) from the plans, then decodes videos (`decode`) and returns the ids."""
-        pixels = sum(p.pixels for p in planned)
-        if pixels > self.max_pixels:
-            raise ValueError(f"the images and video frames of this prompt hold {pixels:,} pixels, more than the "
-                             f"limit of {self.max_pixels:,} (Processor.max_pixels); use fewer frames or smaller media")
+        decoded = sum(p.pixels for p in planned) * vid.BYTES_PER_PIXEL  # from the headers, before any decoding
+        if decoded > self.max_decoded_bytes:
+            raise ValueError(f"the images and video frames of this prompt would take {decoded / 2**30:.1f} GiB "
+                             f"decoded, more than the limit of {self.max_decoded_bytes / 2**30:.1f} GiB "
+                             f"(Processor.max_decoded_bytes); use fewer frames (fps / max_frames) or smaller media")
         ids, bounds, masked = self._ids(chunks, planned, max_length, reserve)
         if decode and any(p.plan is not None and p.frames is None for p in planned):
             planned = [self._decode_video(p) if p.plan is not None and p.frames is None else p for p in planned]

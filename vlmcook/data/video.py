@@ -88,7 +88,7 @@ def decoded_bytes(info: VideoInfo, plan: FramePlan) -> int:
 # ----------------------------------------------------------------------------------------------------------------
 # planning (pure)
 
-def _check_knobs(fps, max_frames, packing, max_visual_tokens, query_num) -> None:
+def check_knobs(fps, max_frames, packing, max_visual_tokens, query_num) -> None:
     if fps is not None and not (0 < fps <= MAX_FPS):
         raise ValueError(f"fps must be in (0, {MAX_FPS:g}] frames per second, got {fps}")
     if max_frames is not None and max_frames < 1:
@@ -148,7 +148,7 @@ def plan_frames(info: VideoInfo, fps: float | None = None, max_frames: int | Non
     Durations follow the demo: T = n_frames / fps from the headers (fps = the stream's average rate)."""
     knobs = dict(fps=fps, max_frames=max_frames, packing=packing, max_visual_tokens=max_visual_tokens,
                  query_num=query_num)
-    _check_knobs(**knobs)
+    check_knobs(**knobs)
     if info.n_frames < 1 or not info.fps > 0:
         raise VideoError(f"{info.source}: cannot sample from {info.n_frames} frames at {info.fps} fps")
     max_packages = MAX_NUM_PACKAGES
@@ -234,7 +234,7 @@ def load_video(src: str | Path | bytes, fps: float | None = None, max_frames: in
         raise ValueError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     knobs = dict(fps=fps, max_frames=max_frames, packing=packing, max_visual_tokens=max_visual_tokens,
                  query_num=query_num)
-    _check_knobs(**knobs)  # fail on bad knobs before touching the file
+    check_knobs(**knobs)  # fail on bad knobs before touching the file
     with open_video(src) as video:
         return video.decode(video.plan(**knobs), method)
 
