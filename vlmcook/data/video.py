@@ -454,8 +454,9 @@ class VideoFile:
         if frame.width * frame.height > self.info.width * self.info.height:  # keeps decoded_bytes a bound
             raise VideoError(f"{self.name}: a frame of {frame.width}x{frame.height} is larger than the header's "
                              f"{self.info.width}x{self.info.height} (size changes inside a stream are refused)")
-        # frame.to_image() is ~8x slower than this on 720p in PyAV 18 (measured); same pixels.
-        img = Image.fromarray(frame.to_ndarray(format="rgb24"))
+        # reformat() then to_ndarray(): the same swscale conversion as to_ndarray(format=...) (identical pixels), which
+        # in PyAV 18 costs 2-10x more per frame (0.79 vs 0.35 ms at 720p, 0.6 vs 0.06 ms at 196x98); to_image() ~8x.
+        img = Image.fromarray(frame.reformat(format="rgb24").to_ndarray())
         return img.transpose(_UPRIGHT[self.info.rotation]) if self.info.rotation else img
 
 
