@@ -119,6 +119,18 @@ def _scene_at_time(rng: random.Random) -> Scene:
     return Scene("at_time", float(n), shapes, q, colours[k], {"colours": colours, "second": k})
 
 
+def caption(sc: Scene) -> str:
+    """What happens, in order, as a video caption: the events of the scene joined by ", then " (order / count: each
+    appearance of a disc; at_time: the square's colour each second; motion: where the square goes)."""
+    if sc.task == "motion":
+        square, disc = sc.shapes
+        return f"{square.colour} square moves {sc.facts['direction']}, {disc.colour} disc stays."
+    if sc.task == "at_time":
+        return ", then ".join(sc.facts["colours"]) + "."
+    return ", then ".join(f"{s.colour} disc" for s in sorted(sc.shapes, key=lambda s: s.t0)) + "."
+
+
+CAPTION_PROMPT = "Describe what happens in the video, in order."
 _BUILDERS = {"order": _scene_order, "count": _scene_count, "motion": _scene_motion, "at_time": _scene_at_time}
 
 
@@ -181,17 +193,18 @@ class SynthVideoQA:
     """Seeded synthetic video QA records (SFT format). `record(i)` builds sample i in memory (mp4 bytes in
     videos[0]['path']); `write(folder, n)` writes mp4 files + `data.jsonl`.
 
-    `sample_fps` / `packing` go into each record's video entry (how the processor samples and groups frames)."""
+    `sample_fps` / `packing` go into each record's video entry (how the processor samples and groups frames).
+    `captions=True`: the same videos with a caption target (`caption`) instead of the question."""
 
     def __init__(self, seed: int = 0, n: int = 10_000, size: tuple[int, int] = (112, 112), fps: float = 10.0,
                  tasks: tuple[str, ...] = TASKS, sample_fps: float = 4.0, packing: int | None = None,
-                 codec: str | None = None):
+                 codec: str | None = None, captions: bool = False):
         if size[0] % 2 or size[1] % 2:
             raise ValueError(f"size {size}: sides must be even (yuv420p)")
         if sample_fps > fps:
             raise ValueError(f"sample_fps {sample_fps} is above the video's fps {fps}")
         self.seed, self.n, self.size, self.fps, self.tasks = seed, n, tuple(size), fps, tuple(tasks)
-        self.sample_fps, self.packing, self.codec = sample_fps, packing, codec
+        self.sample_fps, self.packing, self.codec, self.captions = sample_fps, packing, codec, captions
 
     def __len__(self) -> int:
         return self.n
@@ -207,9 +220,10 @@ class SynthVideoQA:
         video = {"path": path, "fps": self.sample_fps}
         if self.packing is not None:
             video["packing"] = self.packing
+        q, a = (CAPTION_PROMPT, caption(sc)) if self.captions else (sc.question, sc.answer)
         return {"id": f"video-{self.seed}-{i}", "videos": [video],
-                "messages": [{"role": "user", "content": f"{VIDEO_MARKER}\n{sc.question}"},
-                             {"role": "assistant", "content": sc.answer}],
+                "messages": [{"role": "user", "content": f"{VIDEO_MARKER}\n{q}"},
+                             {"role": "assistant", "content": a}],
                 "meta": {"task": sc.task, "answer": sc.answer, "duration": sc.duration, "fps": self.fps,
                          **sc.facts}}
 
