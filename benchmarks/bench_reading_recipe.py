@@ -34,21 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes import demo as D  # noqa: E402
 from vlmcook.config import PRESETS  # noqa: E402
 from vlmcook.data.docs.grid import CopyText, write_grid_docs  # noqa: E402
-from vlmcook.data.image import IMAGE_MARKER  # noqa: E402
 from vlmcook.data.tokenizer import Tokenizer  # noqa: E402
 from vlmcook.eval.ocr import eval_ocr, ocr_items  # noqa: E402
 from vlmcook.train.data import JsonlRecords  # noqa: E402
-
-def page_first(jsonl: Path) -> Path:
-    """A copy of a docs JSONL with the page moved back before the question."""
-    out = jsonl.with_name("page_first.jsonl")
-    rows = [json.loads(line) for line in jsonl.read_text().splitlines() if line.strip()]
-    for r in rows:
-        user = r["messages"][0]
-        user["content"] = IMAGE_MARKER + "\n" + user["content"].replace("\n" + IMAGE_MARKER, "", 1)
-    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
 
 def stage(model, tok, pools: dict, name: str, steps: int, plan) -> float:
     """One step of the demo's recipe on `pools`; -> mean loss of its last 10 optimizer steps."""
@@ -69,14 +57,15 @@ def main() -> None:
     plan = D.PLANS["quick"]  # batching (tokens per step) and the copy / glyph pool sizes
     tmp = Path(tempfile.mkdtemp(prefix="bench_reading_"))
     t0 = time.perf_counter()
-    docs, _ = write_grid_docs(tmp / "train", args.pages, 0, D.question_first)
-    held, _ = write_grid_docs(tmp / "eval", 60, 1000, D.question_first)
-    data = {"question_first": (docs, held), "page_first": (page_first(docs), page_first(held))}
+    docs, _ = write_grid_docs(tmp / "train", args.pages, 0)
+    held, _ = write_grid_docs(tmp / "eval", 60, 1000)
+    # the page's place in the prompt is the config's text_first (the processor orders every user turn by it)
+    configs = {"question_first": replace(cfg, text_first=True), "page_first": replace(cfg, text_first=False)}
     pools, items = {}, {}
-    for order, (tr, ev) in data.items():
-        rec = JsonlRecords(tr)
-        pools[order] = D.pool(rec, tok, cfg, rec.path.parent, f"docs ({order})")
-        items[order] = ocr_items(ev, tok, cfg)
+    rec = JsonlRecords(docs)
+    for order, c in configs.items():
+        pools[order] = D.pool(rec, tok, c, rec.path.parent, f"docs ({order})")
+        items[order] = ocr_items(held, tok, c)
     copies = {"copy": D.pool(D.Seeded(CopyText(3000, plan.copies), "copy"), tok, cfg, desc="repeat-the-text")}
     glyphs = {"glyphs": D.glyph_pool(plan.glyph_pages, 4000, cfg, tok)}
 

@@ -4,7 +4,9 @@
 
 1. Data (vlmcook/data, held-out sets from other seeds): tape pages corrupted at three levels (data/docs/grid.py),
    synthetic image QA, text QA, repeat-the-text records and synthetic video QA; every view 196 x 98 px.
-2. One model (the `demo` preset, data/docs/grid.py's one-token-per-character text) through every step of RECIPE
+2. One model (the `demo` preset: text before media in every user turn, `config.text_first`, because a page is
+   read by copying the visual tokens right before the answer: held-out CER 0.379 with the question first vs 0.869
+   page first, benchmarks/bench_reading_recipe.py; one token per character) through every step of RECIPE
    with train/loop.py: first the parts the release starts pre-trained (`lm`: the LLM on repeat-the-text, for
    Qwen3; `vision`: tower + resampler emit the LLM's character embeddings, for SigLIP, a loss hook of the same
    loop), then the report's stages pt1 -> pt2 -> pt3 (WSD), SFT (cosine, videos one frame per package) and the
@@ -35,7 +37,6 @@ if __package__ in (None, ""):  # run as a script: make `recipes` importable
 from vlmcook.config import PRESETS  # noqa: E402
 from vlmcook.data.docs.grid import VIEW_SIZE, CopyText, glyph_labels, grid_cells, grid_page, random_titles, \
     write_grid_docs  # noqa: E402
-from vlmcook.data.image import IMAGE_MARKER  # noqa: E402
 from vlmcook.data.tokenizer import Tokenizer  # noqa: E402
 from vlmcook.model.minicpmv import MiniCPMV  # noqa: E402
 from vlmcook.train.loop import TrainConfig, train  # noqa: E402
@@ -103,19 +104,10 @@ def smoke_plan(steps: int = 2) -> Plan:
 
 def smoke_config():
     """A still smaller model for smoke tests (the `tiny` widths, the demo's view size)."""
-    return replace(PRESETS["tiny"], scale_resolution=140, max_slice_nums=1)
+    return replace(PRESETS["tiny"], scale_resolution=140, max_slice_nums=1, text_first=True)
 
 
 # ---- data ------------------------------------------------------------------------------------------------------
-def question_first(record: dict) -> dict:
-    """The page after the question ("<question>\\n<page>"): the answer then starts right after the page's last
-    visual token, as a copied text starts right after its source in the `lm` step. Measured (benchmarks/
-    bench_reading_recipe.py): held-out CER 0.379 with the question first, 0.869 with the page first."""
-    user = record["messages"][0]
-    text = user["content"].replace(IMAGE_MARKER + "\n", "", 1)
-    return {**record, "messages": [{**user, "content": f"{text}\n{IMAGE_MARKER}"}, *record["messages"][1:]]}
-
-
 class Cached:
     """A seeded source's `record(i)`, computed once (a video is rendered and encoded once)."""
 
@@ -191,8 +183,8 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
     from vlmcook.data.synth_video import SynthVideoQA
     from vlmcook.train.data import JsonlRecords
 
-    docs, skip_train = write_grid_docs(data / "docs_train", plan.docs_train, seed, question_first)
-    docs_eval, skip_eval = write_grid_docs(data / "docs_eval", plan.docs_eval, seed + 1000, question_first)
+    docs, skip_train = write_grid_docs(data / "docs_train", plan.docs_train, seed)
+    docs_eval, skip_eval = write_grid_docs(data / "docs_eval", plan.docs_eval, seed + 1000)
     videos = SynthVideoQA(seed=seed, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS)
     videos3d = SynthVideoQA(seed=seed + 1, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS)
     records = JsonlRecords(docs)

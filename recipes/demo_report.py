@@ -155,7 +155,7 @@ def markdown(r: dict, loss_png: str, metrics_png: str) -> str:
         "report's stages the demo pre-trains its from-scratch parts, as the release starts from a pre-trained "
         "Qwen3 and SigLIP: `lm` trains the LLM on 'repeat the text' records, `vision` trains the tower and "
         "resampler to emit, per query, the LLM's embedding of the character in its cell. Why each of these "
-        "(measured ablations) is in the docstrings of data/docs/grid.py, train/scratch.py and recipes/demo.py (question_first, glyph_loss).",
+        "(measured ablations) is in the docstrings of data/docs/grid.py, train/scratch.py, config.py (text_first) and recipes/demo.py (glyph_loss).",
         "",
         f"## 3D vs 2D resampler at an equal token budget ({c['budget']} visual tokens)",
         "",

@@ -151,16 +151,6 @@ def test_positional_queries_attend_their_cell():
 
 # ---- the demo's component pre-training: repeat-the-text records, question-first pages, the vision stage ---------
 
-def test_question_first_moves_the_page_after_the_question():
-    from recipes.demo import question_first
-
-    rec = {"id": "p", "messages": [{"role": "user", "content": "(<image>./</image>)\nRead the page."},
-                                   {"role": "assistant", "content": "a title"}], "meta": {"k": 1}}
-    out = question_first(rec)
-    assert out["messages"][0]["content"] == "Read the page.\n(<image>./</image>)"
-    assert out["messages"][1] == rec["messages"][1] and out["meta"] == rec["meta"]
-    assert rec["messages"][0]["content"].startswith("(<image>")  # the input is not modified
-
 
 def test_glyph_pages_label_each_query_with_the_character_in_its_cell():
     """Labels are checked against the pixels: a query's cell has ink exactly when its label is not a space."""

@@ -435,3 +435,23 @@ def test_a_video_is_opened_once_per_call(tiny, tmp_path, monkeypatch):
     calls.clear()
     tiny.count_tokens(msgs)
     assert len(calls) == 1
+
+
+def test_text_first_checkpoints_get_the_question_before_their_media():
+    """config.text_first (the demo model's): media-first and text-first messages give the same ids, with the text
+    before the placeholders; a released-layout config (text_first False) keeps the order it is given."""
+    from dataclasses import replace
+
+    cfg = MiniCPMVConfig.from_name("tiny")
+    proc, released = Processor(Tokenizer.tiny(), replace(cfg, text_first=True)), Processor(Tokenizer.tiny(), cfg)
+    img = _img(60, 40)
+    media_first = [{"role": "user", "content": [img, "Read the text on this page."]}]
+    text_first = [{"role": "user", "content": ["Read the text on this page.", img]}]
+    inline = [{"role": "user", "content": f"{IMAGE_MARKER}\nRead the text on this page."}]
+    ids = [proc(m, images=[img] if m is inline else None)["input_ids"] for m in (media_first, text_first, inline)]
+    assert torch.equal(ids[0], ids[1]) and torch.equal(ids[0], ids[2])
+    text = proc.tokenizer.decode(ids[0][0])
+    assert text.index("Read the text") < text.index("<image>")
+    assert not torch.equal(released(media_first)["input_ids"], released(text_first)["input_ids"])
+    round_trip = MiniCPMVConfig.from_hf_dict(replace(cfg, text_first=True).to_hf_dict())
+    assert round_trip.text_first and "text_first" not in cfg.to_hf_dict()

@@ -131,6 +131,10 @@ class MiniCPMVConfig:
     use_image_id: bool = True
     vision_batch_size: int = 16  # views per vision-tower call at inference (bounds activation memory)
     torch_dtype: str = "bfloat16"  # dtype of the stored weights
+    # vlmcook's own: a model trained with the question before its images/videos (the demo's, which reads a page by
+    # copying the visual tokens right before its answer) says so; the processor then orders every user turn so.
+    # Saved as "text_first" only when true, so the released layout stays as released.
+    text_first: bool = False
 
     def __post_init__(self):
         _check_fields(self, "")
@@ -211,7 +215,7 @@ _VISION_FIXED = {"model_type": "siglip", "hidden_act": "gelu_pytorch_tanh", "att
 _VISION_KEYS = {f for f in VisionConfig.__dataclass_fields__}
 # Our own keys for fields the release derives (resampler heads = embed_dim // 128) or leaves at a class default.
 _OWN_KEYS = {"query_num", "patch_size", "vision_config", "slice_config", "resampler_num_heads", "use_image_id",
-             "vision_batch_size", "torch_dtype"}
+             "vision_batch_size", "torch_dtype", "text_first"}
 
 
 def _from_hf_dict(d: dict[str, Any]) -> MiniCPMVConfig:
@@ -257,7 +261,8 @@ def _from_hf_dict(d: dict[str, Any]) -> MiniCPMVConfig:
                           max_slice_nums=sc.get("max_slice_nums", 9),
                           use_image_id=d.get("use_image_id", True),
                           vision_batch_size=d.get("vision_batch_size", 16),
-                          torch_dtype=d.get("torch_dtype", "bfloat16"))
+                          torch_dtype=d.get("torch_dtype", "bfloat16"),
+                          text_first=d.get("text_first", False))
 
 
 def parameter_parts(c: MiniCPMVConfig) -> list[tuple[int, str]]:
@@ -294,6 +299,8 @@ def _to_hf_dict(c: MiniCPMVConfig) -> dict[str, Any]:
               "vision_config": {**asdict(c.vision), "model_type": "siglip", "hidden_act": "gelu_pytorch_tanh"}})
     if c.resampler.num_heads != c.llm.hidden_size // 128:
         d["resampler_num_heads"] = c.resampler.num_heads
+    if c.text_first:
+        d["text_first"] = True
     return d
 
 
@@ -324,5 +331,6 @@ PRESETS: dict[str, MiniCPMVConfig] = {
         scale_resolution=140,
         max_slice_nums=1,
         torch_dtype="float32",
+        text_first=True,
     ),
 }

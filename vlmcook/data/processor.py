@@ -184,7 +184,10 @@ class Processor:
         for i, m in enumerate(messages):
             items = [m["content"]] if isinstance(m["content"], str) else m["content"]
             parts = [self._item(it, f"message {i} item {j}", queues, visuals, knobs) for j, it in enumerate(items)]
-            out.append({**m, "content": "\n".join(parts)})
+            text = "\n".join(parts)
+            if self.config.text_first and m["role"] == "user":
+                text = _text_first(text)
+            out.append({**m, "content": text})
         for kind, marker in (("image", IMAGE_MARKER), ("video", VIDEO_MARKER)):
             if queues[kind]:
                 raise ValueError(f"{self._given[kind]} {kind}s were given but the messages hold only "
@@ -437,6 +440,15 @@ class Processor:
             for _ in range(cols):
                 block(t.slice_start_id, t.slice_end_id)
         return ids
+
+
+def _text_first(text: str) -> str:
+    """A user turn's text before its media markers (config.text_first): "<image>\nRead this." -> "Read this.\n<image>"."""
+    pieces = _MARKERS.split(text)
+    if len(pieces) == 1:
+        return text
+    words = [p.strip("\n") for p in pieces if p.strip("\n")]
+    return "\n".join(words + _MARKERS.findall(text))
 
 
 def _positive_int(x: Any, name: str) -> int:
