@@ -178,3 +178,24 @@ def test_text_answers_and_determinism():
                for i in range(5))
     assert [a.record(i)["messages"] for i in range(10)] != [si.SynthImageQA(seed=2).record(i)["messages"]
                                                             for i in range(10)]
+
+
+def test_video_captions_list_the_events_in_time_order():
+    """A caption holds the facts each question asks about: the k-th disc for order, as many discs as the count,
+    the colour of every second for at_time, the direction for motion; captions=True swaps only the target."""
+    for i in range(40):
+        sc = sv.scene(7, i)
+        cap = sv.caption(sc)
+        if sc.task == "order":
+            assert [c.split()[0] for c in cap.rstrip(".").split(", then ")] == sc.facts["order"]
+        elif sc.task == "count":
+            assert cap.count(f"{sc.facts['colour']} disc") == sc.facts["count"]
+        elif sc.task == "at_time":
+            assert cap.rstrip(".").split(", then ") == sc.facts["colours"]
+        else:
+            assert f"moves {sc.facts['direction']}" in cap
+    qa, caps = sv.SynthVideoQA(seed=7, n=3, size=(64, 48), fps=5), sv.SynthVideoQA(seed=7, n=3, size=(64, 48), fps=5,
+                                                                                    captions=True)
+    a, b = qa.record(1), caps.record(1)
+    assert a["videos"] == b["videos"] and a["meta"] == b["meta"]
+    assert b["messages"][1]["content"] == sv.caption(qa.scene(1)) != a["messages"][1]["content"]

@@ -1,6 +1,7 @@
 """Training data: JSONL records (skips with reasons, strict errors with file:line), the seeded mixture (weights,
 resume, ranks), right-padded batches, and sequence packing (a packed row == its samples run separately)."""
 
+import itertools
 import json
 import math
 
@@ -271,3 +272,20 @@ def test_segment_mask_and_positions_by_hand():
                  [0, 0, 1, 1, 1, 0],
                  [0, 0, 0, 0, 0, 1]]  # the pad query sees only itself (no empty softmax row)
     assert torch.equal(segment_mask(seg)[1, 0], torch.ones(6, 6, dtype=torch.bool).tril())
+
+
+def test_background_batches_equal_in_process_ones():
+    """in_background: the same micro-batches, in the same order, from a worker process (a resumed position too)."""
+    from vlmcook.train.data import in_background
+
+    def batches(position):
+        for k in itertools.count(position):
+            g = torch.Generator().manual_seed(k)
+            yield {"input_ids": torch.randint(0, 100, (2, 5), generator=g), "pixel_values": [[torch.rand(3, 4, 4, generator=g)]]}
+
+    for start in (0, 7):
+        here, there = batches(start), in_background(batches)(start)
+        for _ in range(5):
+            a, b = next(here), next(there)
+            assert torch.equal(a["input_ids"], b["input_ids"])
+            assert torch.equal(a["pixel_values"][0][0], b["pixel_values"][0][0])

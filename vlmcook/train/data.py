@@ -349,3 +349,23 @@ def token_batches(mixture: Mixture, batch_tokens: int, row_tokens: int, pad_id: 
                     break
             yield pack(picked, max(row_tokens, max(s["input_ids"].shape[1] for s in picked)), pad_id)
     return source
+
+
+class _Stream(torch.utils.data.IterableDataset):
+    def __init__(self, batches, position: int):
+        self.batches, self.position = batches, position
+
+    def __iter__(self) -> Iterator[dict]:
+        return self.batches(self.position)
+
+
+def in_background(batches, workers: int = 1):
+    """`batches` (position -> iterator of micro-batches) produced by a DataLoader worker process, so decoding and
+    processing media overlap the training step on another core. One worker keeps the order (and so the run)
+    exactly the same as in-process; `workers=0` runs in-process."""
+    def source(position: int) -> Iterator[dict]:
+        if workers == 0:
+            return batches(position)
+        return iter(torch.utils.data.DataLoader(_Stream(batches, position), batch_size=None, num_workers=workers,
+                                                prefetch_factor=4, persistent_workers=False))
+    return source
