@@ -10,6 +10,9 @@ Notable (docs/reference.md 8.2, 8.8):
   reasoning block so the model answers directly) or `<think>\\n` (thinking=True) or nothing more (None, the
   template's "enable_thinking undefined").
 - Where the template silently renders nothing (an unknown role, non-string content), we raise.
+- `render_pieces` is the same text cut at the template's own control tokens (CONTROL): the processor encodes
+  those as tokens and everything else (message text, with the template's plain text around it) with
+  `Tokenizer.encode_text`, so message text that spells `<|im_start|>` or `<think>` stays text (docs/reliability.md).
 - `build_labels` (SFT): labels aligned with input_ids (not shifted; the loss shifts), -100 = ignored; every
   assistant turn is supervised from after `<|im_start|>assistant\\n` through its `<|im_end|>`; the last assistant
   turn's template-inserted empty think block (`<think>\\n\\n</think>\\n\\n`, 4 tokens) is not supervised.
@@ -22,6 +25,8 @@ from typing import Any, Sequence
 IGNORE_INDEX = -100
 ROLES = ("system", "user", "assistant", "tool")
 EMPTY_THINK = "<think>\n\n</think>\n\n"
+# The tokens the template itself writes; in message text the same strings are plain characters.
+CONTROL = ("<|im_start|>", "<|im_end|>", "<think>", "</think>", "<tool_response>", "</tool_response>")
 
 
 def _fields(messages: Sequence[dict[str, Any]]) -> list[tuple[str, str, str | None]]:
@@ -63,38 +68,61 @@ def split_think(content: str) -> tuple[str, str]:
     return reasoning, answer
 
 
-def _assistant(content: str, reasoning: str | None, with_think: bool, is_last: bool) -> str:
+class _Control(str):
+    """A control token the template writes (one of CONTROL), as opposed to text."""
+
+
+IM_START, IM_END, THINK, END_THINK, TOOL_RESPONSE, END_TOOL_RESPONSE = map(_Control, CONTROL)
+
+
+def _assistant(content: str, reasoning: str | None, with_think: bool, is_last: bool) -> list[str]:
     if reasoning is None:
         reasoning, content = split_think(content)
     if with_think and (is_last or reasoning):
-        return f"<|im_start|>assistant\n<think>\n{reasoning.strip(chr(10))}\n</think>\n\n{content.lstrip(chr(10))}"
-    return f"<|im_start|>assistant\n{content}"
+        return [IM_START, "assistant\n", THINK, "\n" + reasoning.strip("\n") + "\n", END_THINK,
+                "\n\n" + content.lstrip("\n")]
+    return [IM_START, "assistant\n" + content]
+
+
+def render_pieces(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
+                  thinking: bool | None = False) -> list[tuple[str, bool]]:
+    """`render`'s text as (piece, is_control) pairs: each control token the template writes is its own piece;
+    the text between two of them (message text and the template's plain text) is one piece."""
+    msgs = _fields(messages)
+    last_query, n = _last_query(msgs), len(msgs)
+    parts: list[str] = []
+    if msgs[0][0] == "system":
+        parts += [IM_START, "system\n" + msgs[0][1], IM_END, "\n"]
+    for i, (role, content, reasoning) in enumerate(msgs):
+        if role == "user" or (role == "system" and i > 0):
+            parts += [IM_START, f"{role}\n{content}", IM_END, "\n"]
+        elif role == "assistant":
+            parts += [*_assistant(content, reasoning, i > last_query, i == n - 1), IM_END, "\n"]
+        elif role == "tool":
+            if i == 0 or msgs[i - 1][0] != "tool":
+                parts += [IM_START, "user"]
+            parts += ["\n", TOOL_RESPONSE, f"\n{content}\n", END_TOOL_RESPONSE]
+            if i == n - 1 or msgs[i + 1][0] != "tool":
+                parts += [IM_END, "\n"]
+    if add_generation_prompt:
+        parts += [IM_START, "assistant\n"]
+        if thinking is not None:
+            parts += [THINK, "\n"] if thinking else [THINK, "\n\n", END_THINK, "\n\n"]
+    pieces: list[tuple[str, bool]] = []
+    for part in parts:
+        if isinstance(part, _Control):
+            pieces.append((str(part), True))
+        elif pieces and not pieces[-1][1]:
+            pieces[-1] = (pieces[-1][0] + part, False)
+        elif part:
+            pieces.append((part, False))
+    return pieces
 
 
 def render(messages: Sequence[dict[str, Any]], add_generation_prompt: bool = True,
            thinking: bool | None = False) -> str:
     """Messages -> the prompt text of the released chat template."""
-    msgs = _fields(messages)
-    last_query, n = _last_query(msgs), len(msgs)
-    parts = []
-    if msgs[0][0] == "system":
-        parts.append(f"<|im_start|>system\n{msgs[0][1]}<|im_end|>\n")
-    for i, (role, content, reasoning) in enumerate(msgs):
-        if role == "user" or (role == "system" and i > 0):
-            parts.append(f"<|im_start|>{role}\n{content}<|im_end|>\n")
-        elif role == "assistant":
-            parts.append(_assistant(content, reasoning, i > last_query, i == n - 1) + "<|im_end|>\n")
-        elif role == "tool":
-            if i == 0 or msgs[i - 1][0] != "tool":
-                parts.append("<|im_start|>user")
-            parts.append(f"\n<tool_response>\n{content}\n</tool_response>")
-            if i == n - 1 or msgs[i + 1][0] != "tool":
-                parts.append("<|im_end|>\n")
-    if add_generation_prompt:
-        parts.append("<|im_start|>assistant\n")
-        if thinking is not None:
-            parts.append("<think>\n" if thinking else EMPTY_THINK)
-    return "".join(parts)
+    return "".join(piece for piece, _ in render_pieces(messages, add_generation_prompt, thinking))
 
 
 def build_labels(input_ids: Sequence[int], tokenizer) -> list[int]:

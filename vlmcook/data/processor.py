@@ -374,8 +374,8 @@ class Processor:
                                                                                           "max_slice_nums")
         use_id = self.config.use_image_id if use_image_id is None else bool(use_image_id)
         msgs, visuals = self._collect(messages, images, videos, knobs)
-        text = chat.render(msgs, add_generation_prompt=add_generation_prompt, thinking=thinking)
-        chunks = _MARKERS.split(text)
+        chunks = _split_markers(chat.render_pieces(msgs, add_generation_prompt=add_generation_prompt,
+                                                   thinking=thinking))
         if len(chunks) - 1 != len(visuals):
             raise ValueError(f"the rendered prompt keeps {len(chunks) - 1} of {len(visuals)} images/videos: a marker "
                              f"inside an earlier assistant turn's reasoning is dropped by the chat template")
@@ -405,7 +405,7 @@ class Processor:
 
     def _ids(self, chunks: list[str], planned: list[_Planned], max_length: int | None, reserve: int):
         """Token ids with each visual's placeholder between the text chunks; its `<unk>` spans and [start, end)."""
-        ids, bounds, masked, next_id = self.tokenizer.encode(chunks[0]), [], [], 0
+        ids, bounds, masked, next_id = self._encode(chunks[0]), [], [], 0
         for p, chunk in zip(planned, chunks[1:]):
             start = len(ids)
             for k in range(len(p.packages)):
@@ -414,10 +414,16 @@ class Processor:
                 ids += self._placeholder(p.layout.grid, next_id if p.use_image_id else None, len(ids), bounds)
                 next_id += p.use_image_id
             masked.append((start, len(ids)))
-            ids += self.tokenizer.encode(chunk)
+            ids += self._encode(chunk)
         if max_length is not None and len(ids) > max_length - reserve:
             raise ContextLengthError(len(ids), max_length, reserve)
         return ids, bounds, masked
+
+    def _encode(self, pieces: list[tuple[str, bool]]) -> list[int]:
+        """The template's control tokens as tokens; all other text (message text included) through encode_text,
+        where `<|im_start|>`, `<think>`, `<unk>`, ... are only characters (docs/reliability.md, "Control tokens")."""
+        t = self.tokenizer
+        return [i for text, control in pieces for i in ([t.token_to_id(text)] if control else t.encode_text(text))]
 
     def _placeholder(self, grid: tuple[int, int] | None, image_id: int | None, offset: int,
                      bounds: list) -> list[int]:
@@ -449,6 +455,18 @@ def _text_first(text: str) -> str:
         return text
     words = [p.strip("\n") for p in pieces if p.strip("\n")]
     return "\n".join(words + _MARKERS.findall(text))
+
+
+def _split_markers(pieces: list[tuple[str, bool]]) -> list[list[tuple[str, bool]]]:
+    """Rendered (piece, is_control) pairs -> the runs between media markers (markers sit in text pieces only)."""
+    chunks: list[list[tuple[str, bool]]] = [[]]
+    for text, control in pieces:
+        for k, part in enumerate([text] if control else _MARKERS.split(text)):
+            if k:
+                chunks.append([])
+            if part:
+                chunks[-1].append((part, control))
+    return chunks
 
 
 def _positive_int(x: Any, name: str) -> int:

@@ -7,6 +7,9 @@ Notable (docs/reference.md 8.1):
   tokens start at 151643), so a wrong file fails loudly instead of shifting ids.
 - Special tokens written in text are recognised by `encode` (the chat template and placeholders rely on it).
   `<think>`, `</think>` and the tool tags are added but *not special*, as released: `skip_special_tokens` keeps them.
+- `encode_text` is for what people write (message content): there an added token's string is only its characters,
+  except the grounding tags (TEXT_TOKENS), so no text can open or close a turn or make a visual slot
+  (docs/reliability.md, "Control tokens"). On text that spells no added token both encodes give the same ids.
 - `Tokenizer.tiny()` loads `assets/tiny_tokenizer.json` (made by `assets/make_tiny_tokenizer.py`): 512 ids, the
   same special token strings, `<unk>` = 0, `<|endoftext|>` = 1 (pad, config bos), `<|im_end|>` = 2 (eos), so it
   fits the `tiny` preset's `vocab_size=512`, `bos_token_id=1`, `eos_token_id=2`. `Tokenizer.tiny(chars=True)` is
@@ -17,6 +20,7 @@ Notable (docs/reference.md 8.1):
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import tokenizers
@@ -33,6 +37,10 @@ NOT_SPECIAL = {"<think>", "</think>", "<tool_call>", "</tool_call>", "<tool_resp
 REQUIRED = ("<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>", "<image>", "</image>",
             "<slice>", "</slice>", "<image_id>", "</image_id>", "<ref>", "</ref>", "<box>", "</box>", "<quad>",
             "</quad>", "<point>", "</point>")
+# Added tokens that message text may spell and get as tokens: the grounding tags the model reads and writes
+# (`<ref>a dog</ref><box>x1 y1 x2 y2</box>`). Any other added token written in text stays plain characters.
+TEXT_TOKENS = ("<ref>", "</ref>", "<box>", "</box>", "<quad>", "</quad>", "<point>", "</point>")
+_TEXT_TOKENS = re.compile("(" + "|".join(map(re.escape, TEXT_TOKENS)) + ")")
 
 
 class TokenizerError(ValueError):
@@ -67,6 +75,11 @@ class Tokenizer:
         self.image_id_start_id, self.image_id_end_id = tid("<image_id>"), tid("</image_id>")
         self.pad_id = self.endoftext_id  # a real pad token, never `!` (id 0 in the release)
         self.stop_ids = (self.im_end_id, self.endoftext_id)
+        # The same pipeline without the added-token pass: the BPE alone, which never yields an added token (its
+        # pre-tokenizer splits `<`, letters and `>` apart, so even `<unk>`, which sits in the BPE vocabulary,
+        # cannot be formed). The model object is shared, not copied.
+        self._bpe = tokenizers.Tokenizer(tok.model)
+        self._bpe.normalizer, self._bpe.pre_tokenizer = tok.normalizer, tok.pre_tokenizer
 
     # ---- construction ---------------------------------------------------------------------------------------
     @staticmethod
@@ -131,6 +144,19 @@ class Tokenizer:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         return self.tok.encode(text, add_special_tokens=False).ids
+
+    def encode_text(self, text: str) -> list[int]:
+        """Message text -> ids: the strings of added tokens (`<|im_start|>`, `<think>`, `<image>`, `<unk>`, ...) are
+        encoded as the characters they spell, except the grounding tags of TEXT_TOKENS; no BOS is added."""
+        if not isinstance(text, str):
+            raise TypeError(f"encode_text expects a str, got {type(text).__name__}")
+        ids: list[int] = []
+        for k, piece in enumerate(_TEXT_TOKENS.split(text)):  # odd pieces are the tags themselves
+            if k % 2:
+                ids.append(self.tok.token_to_id(piece))
+            elif piece:
+                ids += self._bpe.encode(piece, add_special_tokens=False).ids
+        return ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
