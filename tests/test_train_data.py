@@ -167,7 +167,7 @@ def test_mixture_redraws_skipped_records():
     got = [mix[i] for i in range(300)]
     assert all(s is not None and s[1] not in holes for s in got)
     assert got == [Mixture([(Fake("a", 100, holes), 1.0)], seed=3)[i] for i in range(300)]
-    with pytest.raises(RuntimeError, match="skipped"):
+    with pytest.raises(DataError, match="all skipped"):
         Mixture([(Fake("a", 5, range(5)), 1.0)], seed=0)[0]
 
 

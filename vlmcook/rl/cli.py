@@ -18,10 +18,11 @@ names; flags given on the command line win over the config file, the file over t
 from __future__ import annotations
 
 import argparse
-import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from vlmcook.data.processor import Processor
 from vlmcook.rl.train import RLConfig, train_rl
 from vlmcook.train import common as C
 from vlmcook.train import flags
@@ -45,41 +46,61 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def load_tasks(path: str | Path) -> list:
-    """Prompt JSONL -> [Task]; a bad line raises naming file:line and what is wrong."""
-    from vlmcook.rl.rollout import Task
-    from vlmcook.train.data import DataError, record_to_messages
+RL_KEYS = ("answer", "verifier", "tolerance")  # a prompt record: the SFT record's keys plus these
 
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such file")
-    tasks = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        where = f"{path}:{n}"
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not valid JSON ({e})") from None
-        if not isinstance(rec, dict) or "answer" not in rec:
-            raise ValueError(f"{where}: a prompt record needs 'messages' and 'answer'")
-        verifier = rec.get("verifier", "number")
-        if verifier not in VERIFIER_NAMES:
-            raise ValueError(f"{where}: verifier {verifier!r} is not one of {VERIFIER_NAMES}")
-        msgs = rec.get("messages")
-        if not isinstance(msgs, list) or not msgs or msgs[-1].get("role") != "user":
-            raise ValueError(f"{where}: 'messages' must be a non-empty list ending with a user turn")
-        try:  # the SFT parser validates markers / images / videos; it wants a final assistant turn
-            messages, images = record_to_messages({**rec, "messages": msgs + [{"role": "assistant", "content": ""}]},
-                                                  path.parent, where)
-        except DataError as e:
-            raise ValueError(str(e)) from None
-        tasks.append(Task(str(rec.get("id", f"{path.name}:{n}")), messages[:-1], rec["answer"], verifier,
-                          float(rec.get("tolerance", 0.0)), images or None))
+
+def load_tasks(path: str | Path) -> list:
+    """Prompt JSONL -> [Task]. The file is read whole before training; its first bad line raises a DataError naming
+    file:line and what is wrong (prompts are few and chosen, so a bad one is fixed, not skipped)."""
+    from vlmcook.train.data import JsonlRecords
+
+    records = JsonlRecords(path)
+    tasks = [_task(*records.record(i), records.path) for i in range(len(records))]
     if not tasks:
         raise ValueError(f"--data {path}: no prompts")
     return tasks
+
+
+def _task(rec, where: str, path: Path):
+    """One prompt record -> Task, or a ValueError (a DataError from the SFT parser) starting with `where`."""
+    from vlmcook.rl.rollout import Task
+    from vlmcook.train.data import RECORD_KEYS, record_to_messages
+
+    def bad(msg: str) -> ValueError:
+        return ValueError(f"{where}: {msg}")
+
+    if not isinstance(rec, dict) or "answer" not in rec:
+        raise bad("a prompt record needs 'messages' and 'answer'")
+    answer, verifier, tol = rec["answer"], rec.get("verifier", "number"), rec.get("tolerance", 0.0)
+    if isinstance(answer, (int, float)) and not isinstance(answer, bool) and math.isfinite(answer):
+        answer = str(answer)
+    if not (isinstance(answer, str) or isinstance(answer, list) and answer and all(isinstance(a, str) for a in answer)):
+        raise bad(f"'answer' must be a string, a number or a non-empty list of strings, got {answer!r:.80}")
+    if verifier not in VERIFIER_NAMES:
+        raise bad(f"verifier {verifier!r} is not one of {VERIFIER_NAMES}")
+    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not 0 <= tol < math.inf:
+        raise bad(f"'tolerance' must be a finite number >= 0, got {tol!r:.40}")
+    msgs = rec.get("messages")
+    if not isinstance(msgs, list) or not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "user":
+        raise bad("'messages' must be a non-empty list ending with a user turn")
+    # the SFT parser validates markers / images / videos; it wants a final assistant turn
+    messages, images = record_to_messages({**rec, "messages": msgs + [{"role": "assistant", "content": ""}]},
+                                          path.parent, where, keys=RECORD_KEYS + RL_KEYS)
+    rid = rec.get("id", f"{path.name}:{where.rpartition(':')[2]}")
+    if not isinstance(rid, (str, int)) or isinstance(rid, bool):
+        raise bad(f"'id' must be a string or an integer, got {rid!r:.40}")
+    return Task(str(rid), messages[:-1], answer, verifier, float(tol), images or None)
+
+
+def check_tasks(tasks: list, processor, max_length: int) -> None:
+    """Each prompt's media readable (headers) and the prompt, in either mode, shorter than the context by at least
+    one token: found before training starts, naming the prompt, instead of in the middle of a rollout."""
+    for t in tasks:
+        for thinking in (False, True):
+            try:
+                processor.count_tokens(t.messages, t.images, thinking=thinking, max_length=max_length, reserve=1)
+            except (ValueError, TypeError, OSError) as e:
+                raise ValueError(f"prompt {t.id}: {e}") from None
 
 
 def run(args) -> int:
@@ -89,6 +110,7 @@ def run(args) -> int:
     cfg, prompts, start = (flags.build(cls, values) for cls in (RLConfig, Prompts, C.Start))
     tasks = load_tasks(prompts.data)
     model, tokenizer = C.load_or_init(start.init, start.preset, start.tokenizer, seed=cfg.seed)
+    check_tasks(tasks, Processor(tokenizer, model.config), model.config.llm.max_position_embeddings)
     try:
         hist = train_rl(cfg, model, tokenizer, tasks, dist=dist)
     finally:

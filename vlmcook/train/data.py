@@ -7,8 +7,9 @@ SFT JSONL, one object per line (every rule: docs/architecture.md, "SFT JSONL"); 
 Markers take the next "images" / "videos" entry in order (the counts must match); the last message is an
 assistant turn (every assistant turn is supervised, chat.build_labels).
 
-Bad input (unparsable line, wrong shape, media that fails to decode, sample longer than `max_length`) is skipped and
-counted in a `SkipLog` (reason, file:line), or with `strict=True` raises `DataError` naming file:line.
+Bad input (unparsable line, wrong shape, media that fails to decode, sample longer than `max_length`, by default the
+model's context) is skipped and counted once per record in a `SkipLog` (reason, file:line), or with `strict=True`
+raises `DataError` naming file:line. Limits and every class of bad line: docs/reliability.md ("SFT and RL JSONL").
 `collate_batch` pads on the right (labels -100 on pads); `pack` puts several samples in one row, `segment_ids [B, T]`
 making attention block-diagonal causal. `Mixture`: sample i is a pure function of (seed, i), so a resumed run
 continues at i and rank r of `world` processes takes positions r, r + world, ... (`Mixture.iterate`).
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ import torch
 
 from vlmcook.data.chat import IGNORE_INDEX
 from vlmcook.data.image import IMAGE_MARKER, ImageError
-from vlmcook.data.processor import VIDEO_MARKER, Processor, collate
+from vlmcook.data.processor import VIDEO_MARKER, ContextLengthError, Processor, collate
 from vlmcook.data.video import VideoError
 
 
@@ -42,11 +44,13 @@ class DataError(ValueError):
 
 @dataclass
 class SkipLog:
-    """Skipped records: counts per reason and (up to `keep`) the entries (reason, where, message)."""
+    """Skipped records, each counted once however often a mixture draws it: counts per reason, (up to `keep`) the
+    entries (reason, where, message), and `redrawn`, how many more times skipped records were drawn."""
 
     counts: Counter = field(default_factory=Counter)
     entries: list[tuple[str, str, str]] = field(default_factory=list)
     keep: int = 1000
+    redrawn: int = 0
 
     def add(self, err: DataError) -> None:
         self.counts[err.reason] += 1
@@ -61,7 +65,8 @@ class SkipLog:
         if not self.total:
             return "no records skipped"
         head = ", ".join(f"{r}: {n}" for r, n in sorted(self.counts.items()))
-        return f"skipped {self.total} records ({head}); first: " + "; ".join(e[2] for e in self.entries[:3])
+        again = f"; drawn again {self.redrawn} times" if self.redrawn else ""
+        return f"skipped {self.total} records ({head}{again}); first: " + "; ".join(e[2] for e in self.entries[:3])
 
 
 # ---- records -> processor messages -----------------------------------------------------------------------------
@@ -99,10 +104,19 @@ def _split_videos(text: str, videos: list, root: Path | None, where: str) -> str
     return items
 
 
-def record_to_messages(record: Any, root: Path | None = None, where: str = "record") -> tuple[list[dict], list]:
-    """An SFT record -> (messages, images) for `Processor.__call__`. Raises DataError(reason='bad_record')."""
+RECORD_KEYS = ("id", "images", "videos", "messages", "meta")  # of an SFT record; anything else goes in "meta"
+MESSAGE_KEYS = ("role", "content", "reasoning_content")
+
+
+def record_to_messages(record: Any, root: Path | None = None, where: str = "record",
+                       keys: Sequence[str] = RECORD_KEYS) -> tuple[list[dict], list]:
+    """An SFT record -> (messages, images) for `Processor.__call__`. Raises DataError(reason='bad_record').
+    Unknown keys are refused (a misspelt "image" would otherwise drop the image without a word)."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
         raise DataError(where, "bad_record", "a record must be an object with a non-empty 'messages' list")
+    unknown = sorted(set(record) - set(keys))
+    if unknown:
+        raise DataError(where, "bad_record", f"unknown key(s) {unknown} (a record has {', '.join(keys)})")
     images, videos = record.get("images") or [], list(record.get("videos") or [])
     if not isinstance(images, list) or not isinstance(record.get("videos") or [], list):
         raise DataError(where, "bad_record", "'images' and 'videos' must be lists")
@@ -110,11 +124,13 @@ def record_to_messages(record: Any, root: Path | None = None, where: str = "reco
     messages = []
     for k, m in enumerate(record["messages"]):
         if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant") \
-                or not isinstance(m.get("content"), str):
+                or not isinstance(m.get("content"), str) or set(m) - set(MESSAGE_KEYS) \
+                or not isinstance(m.get("reasoning_content", ""), str):
             raise DataError(where, "bad_record", f"message {k} must be {{'role': system|user|assistant, "
-                                                 f"'content': str}}")
+                                                 f"'content': str}} (and optionally 'reasoning_content': str), got "
+                                                 f"{m!r:.120}")
         n_markers += m["content"].count(IMAGE_MARKER)
-        messages.append({"role": m["role"], "content": _split_videos(m["content"], videos, root, where)})
+        messages.append({**m, "content": _split_videos(m["content"], videos, root, where)})
     if n_markers != len(images) or videos:
         raise DataError(where, "bad_record", f"{n_markers} image markers for {len(images)} images, "
                                              f"{len(videos)} videos without a marker")
@@ -135,16 +151,20 @@ class Records(Protocol):
 class RecordSource:
     """Map-style source of processed samples (Processor outputs, batch 1) over SFT records.
 
-    `source[i]` -> the sample dict, or None when the record was skipped (counted in `self.skips`); strict -> raises.
-    `root`: folder that relative paths are resolved against (a JSONL's folder)."""
+    `source[i]` -> the sample dict, or None when the record was skipped (counted once in `self.skips`, and not
+    processed again when drawn again); strict -> raises. `root`: folder that relative paths are resolved against (a
+    JSONL's folder). `max_length`: longer samples are skipped (`too_long`); default the model's context."""
 
     def __init__(self, records: Records, tokenizer, config, root: str | Path | None = None, strict: bool = False,
                  max_length: int | None = None, thinking: bool | None = False):
         self.records, self.strict, self.thinking = records, strict, thinking
         self.root = Path(root) if root is not None else None
         self.processor = Processor(tokenizer, config)
-        self.max_length = max_length
+        self.max_length = config.llm.max_position_embeddings if max_length is None else max_length
+        if isinstance(self.max_length, bool) or not isinstance(self.max_length, int) or self.max_length < 1:
+            raise ValueError(f"max_length must be an int >= 1, got {max_length!r}")
         self.skips = SkipLog()
+        self._bad: dict[int, DataError] = {}  # skipped records by index
 
     def __len__(self) -> int:
         return len(self.records)
@@ -152,9 +172,15 @@ class RecordSource:
     def __getitem__(self, i: int) -> dict | None:
         if not 0 <= i < len(self):
             raise IndexError(f"index {i} outside [0, {len(self)})")
+        if i in self._bad:
+            if self.strict:
+                raise self._bad[i]
+            self.skips.redrawn += 1
+            return None
         try:
             return self._sample(i)
         except DataError as e:
+            self._bad[i] = e
             if self.strict:
                 raise
             self.skips.add(e)
@@ -164,48 +190,87 @@ class RecordSource:
         record, where = self.records.record(i)
         messages, images = record_to_messages(record, self.root, where)
         try:
-            out = self.processor(messages, images, thinking=self.thinking, add_generation_prompt=False)
+            out = self.processor(messages, images, thinking=self.thinking, add_generation_prompt=False,
+                                 max_length=self.max_length)  # checked from headers, before decoding
+        except ContextLengthError as e:
+            raise DataError(where, "too_long", f"{e.prompt_tokens} tokens > max_length={self.max_length}") from None
         except ImageError as e:
             raise DataError(where, "image", str(e)) from None
         except VideoError as e:
             raise DataError(where, "video", str(e)) from None
-        except (ValueError, OSError) as e:  # e.g. a missing file, a marker the chat template drops
+        except (ValueError, TypeError, OSError) as e:  # e.g. a missing file, a marker the chat template drops
             raise DataError(where, "bad_record", str(e)) from None
-        T = out["input_ids"].shape[1]
-        if self.max_length is not None and T > self.max_length:
-            raise DataError(where, "too_long", f"{T} tokens > max_length={self.max_length}")
         out["id"] = record.get("id", where)
         return out
 
 
+# One JSONL line at most: records name their media files and hold text, so a longer line is refused unread (a
+# 100k-token document is ~0.5 MB of JSON). Bounds what reading one record can allocate.
+MAX_LINE_BYTES = 16 * 2**20
+_BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark, as Windows editors write at the start of a file
+
+
+def _lines(path: Path, block: int = 2**20) -> Iterator[tuple[int, int, int]]:
+    """(byte offset, byte length without the newline, 1-based line number) of each non-blank line, reading `block`
+    bytes at a time (one huge line costs no memory here). A leading byte-order mark is not part of line 1."""
+    with open(path, "rb") as f:
+        start = len(_BOM) if f.read(len(_BOM)) == _BOM else 0
+        f.seek(start)
+        pos, n, blank = start, 1, True
+        while chunk := f.read(block):
+            i = 0
+            while (j := chunk.find(b"\n", i)) != -1:
+                if not (blank and not chunk[i:j].strip()):
+                    yield start, pos + j - start, n
+                start, n, blank, i = pos + j + 1, n + 1, True, j + 1
+            blank = blank and not chunk[i:].strip()
+            pos += len(chunk)
+        if not blank:
+            yield start, pos - start, n
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")
+
+
+def _parse(raw: bytes, where: str) -> Any:
+    """One JSONL line -> its value, or DataError(reason='bad_json') naming `where` (file:line)."""
+    try:
+        return json.loads(raw.decode("utf-8"), parse_constant=_no_constant)
+    except UnicodeDecodeError as e:
+        raise DataError(where, "bad_json", f"not UTF-8 text ({e})") from None
+    except ValueError as e:  # json.JSONDecodeError, NaN / Infinity
+        raise DataError(where, "bad_json", str(e)) from None
+    except RecursionError:
+        raise DataError(where, "bad_json", "nested too deeply") from None
+
+
 class JsonlRecords:
-    """Lines of an SFT JSONL file, indexed by byte offset at open (blank lines dropped), parsed on access."""
+    """Lines of a JSONL file, indexed by byte offset at open (blank lines dropped), parsed on access; a record
+    that cannot be read or parsed raises DataError naming file:line."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
             raise FileNotFoundError(f"{self.path}: no such JSONL file")
-        self.offsets: list[tuple[int, int]] = []  # (byte offset, 1-based line number)
-        with open(self.path, "rb") as f:
-            pos = 0
-            for n, line in enumerate(f, 1):
-                if line.strip():
-                    self.offsets.append((pos, n))
-                pos += len(line)
+        self.offsets: list[tuple[int, int, int]] = list(_lines(self.path))  # (byte offset, length, line number)
 
     def __len__(self) -> int:
         return len(self.offsets)
 
     def record(self, i: int) -> tuple[Any, str]:
-        pos, n = self.offsets[i]
+        pos, size, n = self.offsets[i]
         where = f"{self.path}:{n}"
-        with open(self.path, "rb") as f:
-            f.seek(pos)
-            line = f.readline()
+        if size > MAX_LINE_BYTES:  # refused unread
+            raise DataError(where, "too_large", f"a line of {size:,} bytes, more than {MAX_LINE_BYTES:,} (records "
+                                                f"name their images and videos, they do not hold them)")
         try:
-            return json.loads(line.decode("utf-8")), where
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise DataError(where, "bad_json", str(e)) from None
+            with open(self.path, "rb") as f:
+                f.seek(pos)
+                raw = f.read(size)
+        except OSError as e:
+            raise DataError(where, "unreadable", str(e)) from None
+        return _parse(raw, where), where
 
 
 class JsonlSource(RecordSource):
@@ -238,13 +303,13 @@ class Mixture:
     function of (seed, i, attempt), up to `max_attempts`."""
 
     def __init__(self, sources: Sequence[tuple[Any, float]], seed: int, max_attempts: int = 32):
-        if not sources or any(w < 0 for _, w in sources) or sum(w for _, w in sources) <= 0:
-            raise ValueError("Mixture: give (source, weight) pairs with weights >= 0 and a positive sum")
+        bad = [(_name(s), w) for s, w in sources if not (isinstance(w, (int, float)) and math.isfinite(w) and w >= 0)]
+        if not sources or bad or sum(w for _, w in sources) <= 0:
+            raise ValueError(f"Mixture: give (source, weight) pairs with finite weights >= 0 and a positive sum"
+                             f"{f' (got weight {bad[0][1]!r} for {bad[0][0]})' if bad else ''}")
         empty = [s for s, w in sources if w > 0 and len(s) == 0]
         if empty:
-            # name it: a RecordSource over a JSONL file says which file
-            where = getattr(getattr(empty[0], "records", None), "path", None) or type(empty[0]).__name__
-            raise ValueError(f"Mixture: a source with a positive weight is empty ({where})")
+            raise ValueError(f"Mixture: a source with a positive weight is empty ({_name(empty[0])})")
         self.sources = [s for s, _ in sources]
         self.weights = [float(w) for _, w in sources]
         self.seed, self.max_attempts = seed, max_attempts
@@ -263,8 +328,9 @@ class Mixture:
             sample = self.sources[k][j]
             if sample is not None:
                 return sample
-        raise RuntimeError(f"Mixture: position {i}: {self.max_attempts} draws were all skipped records; see each "
-                           f"source's .skips")
+        skips = "; ".join(f"{_name(s)}: {s.skips.summary()}" for s in self.sources if getattr(s, "skips", None))
+        raise DataError(f"position {i}", "all_skipped", f"the mixture's {self.max_attempts} draws were all skipped "
+                                                        f"records ({skips or 'see each source'})")
 
     def iterate(self, start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, dict]]:
         """Yield (position, sample) for positions start + rank, start + rank + world_size, ... (forever).
@@ -275,6 +341,11 @@ class Mixture:
         while True:
             yield i, self[i]
             i += world_size
+
+
+def _name(source) -> str:
+    """A source for messages: a RecordSource over a JSONL file says which file."""
+    return str(getattr(getattr(source, "records", None), "path", None) or type(source).__name__)
 
 
 # ---- batches ---------------------------------------------------------------------------------------------------
