@@ -199,3 +199,17 @@ def test_video_captions_list_the_events_in_time_order():
     a, b = qa.record(1), caps.record(1)
     assert a["videos"] == b["videos"] and a["meta"] == b["meta"]
     assert b["messages"][1]["content"] == sv.caption(qa.scene(1)) != a["messages"][1]["content"]
+
+
+def test_count_video_length_does_not_tell_the_count():
+    """A count video's length is drawn from one range whatever the count (the model could otherwise count packages
+    instead of flashes), and every flash ends inside it with its gaps kept."""
+    lengths = {}
+    for i in range(300):
+        sc = sv.scene(11, i, tasks=("count",))
+        lengths.setdefault(sc.facts["count"], []).append(sc.duration)
+        times = sorted((s.t0, s.t1) for s in sc.shapes)
+        assert times[-1][1] <= sc.duration - 0.29 and all(b + 0.59 <= c for (_, b), (c, _) in zip(times, times[1:]))
+    assert sorted(lengths) == [1, 2, 3, 4, 5]
+    for k, ds in lengths.items():
+        assert sv.COUNT_DURATION[0] <= min(ds) and max(ds) <= sv.COUNT_DURATION[1], k

@@ -6,7 +6,8 @@ Notable:
 - Four tasks, each with a one-word answer so accuracy is exact, none answerable from a single frame:
   * "order":   three coloured discs appear one after another (never together); which colour came first / second /
                last?
-  * "count":   a disc of one colour flashes k = 1..5 times at random places; how many times did it appear?
+  * "count":   a disc of one colour flashes k = 1..5 times at random places and times in a 9.5-10.5 s video (the
+               length never tells k, as it did when videos ended after the last flash); how many times?
   * "motion":  a square crosses the frame left / right / up / down (a static disc of another colour is a
                distractor); which direction did it move?
   * "at_time": a central square changes colour every second; what colour is it at k.5 seconds?
@@ -84,12 +85,20 @@ def _scene_order(rng: random.Random) -> Scene:
     return Scene("order", times[-1][1] + rng.uniform(0.3, 0.8), shapes, q, colours[which], {"order": colours})
 
 
+# Every count video lasts this long whatever its count, so its length tells nothing (5 flashes take at most 9.1 s).
+COUNT_DURATION = (9.5, 10.5)
+
+
 def _scene_count(rng: random.Random) -> Scene:
     colour, k = rng.choice(list(COLOURS)), rng.randint(1, 5)
-    times = _flash_times(rng, k, rng.uniform(0.2, 0.6))
+    duration = rng.uniform(*COUNT_DURATION)
+    times = _flash_times(rng, k, 0.0)
+    # spread the k flashes over the whole video: the unused time goes, in random shares, before, between and after
+    spare = duration - 0.3 - times[-1][1]  # >= 0.1
+    cuts = sorted(rng.uniform(0, spare) for _ in range(k))
+    times = [(round(a + c, 2), round(b + c, 2)) for (a, b), c in zip(times, cuts)]
     shapes = tuple(Shape("disc", colour, a, b, x, y, x, y) for a, b in times
                    for x, y in [(rng.uniform(0.25, 0.75), rng.uniform(0.25, 0.75))])
-    duration = max(3.0, times[-1][1] + rng.uniform(0.3, 0.8))
     q = f"How many times did the {colour} disc appear? Answer with a number."
     return Scene("count", duration, shapes, q, str(k), {"count": k, "colour": colour})
 
