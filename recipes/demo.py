@@ -42,7 +42,14 @@ from vlmcook.model.minicpmv import MiniCPMV  # noqa: E402
 from vlmcook.train.loop import TrainConfig, train  # noqa: E402
 from vlmcook.train.scratch import init_for_scratch  # noqa: E402
 
-VIDEO_FPS = 5.0  # rendered rate of the synthetic videos: >= every sampling rate used, half the encoding work of 10
+VIDEO_FPS = 6.0  # rendered rate of the synthetic videos: every sampling rate used (k frames a second, k <= 6)
+# Video protocol: one package per second of video, k frames in it (fps = packing = k). A temporal id changes a
+# package's tokens only through how its queries weigh its frames (ids are added to the keys, docs/reference.md 5.3:
+# a static package reads the same at any time, benchmarks/bench_video_probe.py), so the LLM learns time from the
+# place of a package in the sequence, which must then mean the same time in training and evaluation. It also makes
+# every packing an equal visual-token budget: packages = seconds.
+PACKINGS = (1, 2, 3, 4, 6)  # the equal-budget sweep; 1 is 2D (one frame per package)
+EVAL_PACKING = 4  # the headline video QA setting (4 frames per package)
 
 
 @dataclass(frozen=True)
@@ -73,7 +80,7 @@ class Plan:
     docs_eval: int
     images: int
     texts: int
-    videos_train: int  # per video pool (2D and 3D)
+    videos_train: int  # training videos (the 2D and the 3D pool are the same videos, sampled differently)
     videos_eval: int
     copies: int = 4000  # lm step: repeat-the-text records
     glyph_pages: int = 1000  # vision step: clean pages
@@ -82,8 +89,6 @@ class Plan:
     lr: dict = field(default_factory=lambda: {"lm": 3e-3, "vision": 1e-3, "pt1": 1e-3, "pt2": 1e-3, "pt3": 1e-3,
                                               "sft": 5e-4, "video3d": 5e-4})
     untrained_seeds: int = 3
-    budget_packages: int = 6  # 3D vs 2D: visual budget = budget_packages * query_num tokens
-    budget_packing: int = 4
 
 
 PLANS = {
@@ -99,7 +104,7 @@ def smoke_plan(steps: int = 2) -> Plan:
     """A seconds-long plan for tests: every step and every evaluation runs, on a handful of samples."""
     return Plan("demo_smoke", {s: steps for s in RECIPE}, docs_train=6, docs_eval=4, images=4, texts=4,
                 videos_train=4, videos_eval=4, copies=4, glyph_pages=4, batch_tokens=400, row_tokens=400,
-                untrained_seeds=2, budget_packages=2, budget_packing=2)
+                untrained_seeds=2)
 
 
 def smoke_config():
@@ -136,16 +141,27 @@ class Seeded(Cached):
         return (rec if self.edit is None else self.edit(i, dict(rec))), f"{self.name}[{i}]"
 
 
-def video_knobs(packing: int | None = None, fps: float | None = None, seed: int | None = None):
-    """-> edit(i, record) setting the video's knobs: fixed ones, or (seed given) the 2D->3D step's package size
-    1-6 and rate 2-5 fps per video, a pure function of (seed, i)."""
+def per_second(packing: int | None = None, seed: int | None = None):
+    """-> edit(i, record): one package per second of video, `packing` frames in each (fps = packing); with `seed`,
+    the 2D->3D step's packing, drawn in 1..6 per video as a pure function of (seed, i)."""
     def edit(i: int, rec: dict) -> dict:
-        knobs = {"packing": packing, "fps": fps}
-        if seed is not None:
-            rng = random.Random(f"demo-video3d:{seed}:{i}")
-            knobs = {"packing": rng.randint(1, 6), "fps": float(rng.randint(2, 5))}
-        return {**rec, "videos": [{**rec["videos"][0], **knobs}]}
+        k = packing if seed is None else random.Random(f"demo-video3d:{seed}:{i}").randint(1, 6)
+        return {**rec, "videos": [{**rec["videos"][0], "packing": k, "fps": float(k)}]}
     return edit
+
+
+class Edited:
+    """train.data records `(record, where)` of `records` with `edit(i, record)` applied."""
+
+    def __init__(self, records, edit):
+        self.records, self.edit = records, edit
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def record(self, i: int):
+        rec, where = self.records.record(i)
+        return self.edit(i, dict(rec)), where
 
 
 def pool(records, tok, cfg, root=None, desc: str = "") -> list[dict]:
@@ -181,12 +197,12 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
     """Training pools + held-out sources. Held-out seeds: docs seed+1000, videos seed+2000."""
     from vlmcook.data.synth_images import SynthImageQA, SynthText
     from vlmcook.data.synth_video import SynthVideoQA
-    from vlmcook.train.data import JsonlRecords
+    from vlmcook.train.data import JsonlRecords, RecordSource
 
     docs, skip_train = write_grid_docs(data / "docs_train", plan.docs_train, seed)
     docs_eval, skip_eval = write_grid_docs(data / "docs_eval", plan.docs_eval, seed + 1000)
     videos = SynthVideoQA(seed=seed, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS)
-    videos3d = SynthVideoQA(seed=seed + 1, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS)
+    video_records = JsonlRecords(videos.write(data / "videos_train"))  # real mp4 files, processed when drawn
     records = JsonlRecords(docs)
     pools = {"docs": pool(records, tok, cfg, records.path.parent, "docs"),
              "images": pool(Seeded(SynthImageQA(seed=seed, n=plan.images, size=VIEW_SIZE,
@@ -195,9 +211,12 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
              "text": pool(Seeded(SynthText(seed=seed, n=plan.texts), "text"), tok, cfg, desc="text QA"),
              "copy": pool(Seeded(CopyText(seed + 3000, plan.copies), "copy"), tok, cfg, desc="repeat-the-text"),
              "glyphs": glyph_pool(plan.glyph_pages, seed + 4000, cfg, tok),
-             "video2d": pool(Seeded(videos, "video2d", video_knobs(packing=1, fps=2.0)), tok, cfg,
-                             desc="video QA 2D"),
-             "video3d": pool(Seeded(videos3d, "video3d", video_knobs(seed=seed)), tok, cfg, desc="video QA 3D")}
+             # processed when a batch draws them (train.data.in_background): tens of MB of mp4 instead of GBs of
+             # pixels in memory
+             "video2d": RecordSource(Edited(video_records, per_second(packing=1)), tok, cfg,
+                                     root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings),
+             "video3d": RecordSource(Edited(video_records, per_second(seed=seed)), tok, cfg,
+                                     root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings)}
     eval_videos = Cached(SynthVideoQA(seed=seed + 2000, n=plan.videos_eval, size=VIEW_SIZE, fps=VIDEO_FPS))
     held_out = {"docs": docs_eval, "videos": eval_videos,
                 "video_meta": [{"task": s.task, "answer": s.answer} for s in map(videos.scene, range(len(videos)))],
@@ -231,7 +250,7 @@ def glyph_batches(glyphs: list[dict], seed: int, batch: int = 16):
 
 def train_recipe(model, pools: dict, plan: Plan, seed: int, tok, steps=tuple(RECIPE)) -> dict:
     """Every recipe step in order on one model (train/loop.py); -> {step: [{"loss", "lr", ...} per step]}."""
-    from vlmcook.train.data import Mixture, token_batches
+    from vlmcook.train.data import Mixture, in_background, token_batches
 
     history = {}
     for name in steps:
@@ -243,7 +262,8 @@ def train_recipe(model, pools: dict, plan: Plan, seed: int, tok, steps=tuple(REC
         else:
             sources = [(pools[k], w) for k, w in step.mixture.items() if pools.get(k)]
             mixture = Mixture(sources, seed=f"{seed}:{name}")  # each step its own draws
-            batches, loss_fn = token_batches(mixture, plan.batch_tokens, plan.row_tokens, tok.pad_id), None
+            batches = in_background(token_batches(mixture, plan.batch_tokens, plan.row_tokens, tok.pad_id))
+            loss_fn = None
         print(f"[demo] {name}: {plan.steps[name]} steps, trains {step.stage!r}, {step.schedule}, lr {lr:g}")
         logs = history[name] = []
         train(cfg, model, batches, tokenizer=tok, on_step=lambda i, m: logs.append(dict(m)), loss_fn=loss_fn)
@@ -265,32 +285,53 @@ def evaluate(model, tok, cfg, held: dict, plan: Plan, items: dict | None = None)
 
     if items is None:
         items = {"ocr": ocr_items(held["docs"], tok, cfg),
-                 "video": video_items(held["videos"], range(len(held["videos"])), tok, cfg, fps=4.0,
-                                      packing=plan.budget_packing)}
+                 "video": video_items(held["videos"], range(len(held["videos"])), tok, cfg,
+                                      fps=float(EVAL_PACKING), packing=EVAL_PACKING)}
     max_ocr = max(len(tok.encode(it.reference)) for it in items["ocr"]) + 8
     return {"ocr": eval_ocr(model, tok, items["ocr"], max_ocr), "video": eval_video_qa(model, tok, items["video"])}, items
 
 
-def verdicts(trained: dict, base: list[dict], majority: float) -> dict:
-    """The margins behind the report's verdicts, fixed before the runs (the report explains them).
+VIDEO_TASKS = ("order", "count", "at_time", "motion")  # every task needs more than one frame (tests/test_synth.py)
+
+
+def verdicts(trained: dict, base: list[dict], video_base: dict, sweep: dict) -> dict:
+    """The rules behind the report's verdicts, fixed in code before the runs they judge (the report explains them).
 
     OCR learned: trained CER (clipped at 1) below the best untrained seed's by more than max(0.10, 3 x the seeds'
     sd). Reads: CER on legible pages against their own page's text below the same outputs against another page's
     by more than 0.10. Video learned: the lower end of the trained accuracy's 95% Wilson interval above every
-    untrained seed; above baselines: also above max(chance, majority answer)."""
+    untrained seed. Above baselines: that lower end above max(chance, majority answer), overall and for each task
+    (its own interval, chance and majority). 3D vs 2D (same model, one package per second = equal visual tokens):
+    packing EVAL_PACKING minus packing 1 on the same questions; "3D better" if the paired 95% interval is above 0,
+    "2D better" if below, else "no difference shown"."""
+    from vlmcook.eval.video_qa import paired_difference
+
     cers = [min(1.0, b["ocr"]["cer"]) for b in base]
     sd = statistics.pstdev(cers) if len(cers) > 1 else 0.0
     ocr_margin = max(0.10, 3 * sd)
     v = trained["video"]
     base_best = max(b["video"]["accuracy"] for b in base)
-    bar = max(v["chance"], majority)
+    bar = max(video_base["chance"], video_base["majority"])
+    tasks = {}
+    for t in VIDEO_TASKS:
+        if t in v["per_task"]:
+            tb = video_base["per_task"][t]
+            tbar = max(tb["chance"], tb["majority"])
+            tasks[t] = {"accuracy": v["per_task"][t], "ci95": v["per_task_ci95"][t], "bar": tbar,
+                        "above_baselines": v["per_task_ci95"][t][0] > tbar}
     low = trained["ocr"]["per_level"].get("low", float("nan"))
     low_other = trained["ocr"]["per_level_other_page"].get("low", float("nan"))
+    d = paired_difference(sweep[EVAL_PACKING]["hits"], sweep[1]["hits"])
+    d["per_task"] = {t: paired_difference(*[[h for h, tt in zip(sweep[k]["hits"], sweep[k]["tasks"]) if tt == t]
+                                            for k in (EVAL_PACKING, 1)]) for t in tasks}
+    d["verdict"] = "3D better" if d["ci95"][0] > 0 else "2D better" if d["ci95"][1] < 0 else "no difference shown"
     return {"ocr": {"learned": min(1.0, trained["ocr"]["cer"]) < min(cers) - ocr_margin, "margin": ocr_margin,
                     "untrained_best": min(cers), "untrained_sd": sd, "reads": low < low_other - 0.10, "low": low,
                     "low_other_page": low_other},
             "video": {"learned": v["ci95"][0] > base_best, "untrained_best": base_best,
-                      "above_baselines": v["ci95"][0] > bar, "bar": bar, "majority": majority}}
+                      "above_baselines": v["ci95"][0] > bar, "bar": bar, "majority": video_base["majority"],
+                      "tasks": tasks, "every_task_above_baselines": all(x["above_baselines"] for x in tasks.values())},
+            "3d_vs_2d": d}
 
 
 # ---- the run ---------------------------------------------------------------------------------------------------
@@ -300,7 +341,7 @@ def run(out: str = "runs/demo", seed: int = 0, quick: bool = False, plan: Plan |
     (default: the `demo` preset). One intra-op thread: at these widths a matmul is too small to split (measured on
     2 cores: two threads cost 2-5x the CPU time of one for the same forward + backward)."""
     from vlmcook.checkpoint import save_model
-    from vlmcook.eval.video_qa import compare_3d_2d, majority_baseline
+    from vlmcook.eval.video_qa import baselines, packing_sweep, paired_difference
 
     from recipes.demo_report import summary, write_report
 
@@ -330,21 +371,30 @@ def run(out: str = "runs/demo", seed: int = 0, quick: bool = False, plan: Plan |
     print("[demo] evaluating the trained model")
     trained, items = evaluate(model, tok, cfg, held, plan)
     vids = held["videos"]
-    compare = compare_3d_2d(model, tok, cfg, vids, range(len(vids)), plan.budget_packages * cfg.query_num,
-                            plan.budget_packing)
+    print(f"[demo] equal-budget sweep: packings {PACKINGS} at one package per second")
+    sweep = packing_sweep(model, tok, cfg, vids, range(len(vids)), PACKINGS)
     base = []
     for s in range(seed, seed + plan.untrained_seeds):
         print(f"[demo] evaluating the untrained model, init seed {s}")
         base.append(evaluate(untrained(cfg, s), tok, cfg, held, plan, items)[0])
-    majority = majority_baseline(held["video_meta"], items["video"])
+    video_base = baselines(held["video_meta"], items["video"])
+    verdict = verdicts(trained, base, video_base, sweep)
     timings["eval"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     timings["cpu"] = _cpu() - c0
     seen = sum(it.reference in held["train_texts"] for it in items["ocr"]) / len(items["ocr"])
     results = {"plan": asdict(plan), "recipe": {k: asdict(v) for k, v in RECIPE.items()}, "seed": seed,
                "params": n_params, "config": cfg.to_dict(), "history": history, "trained": _strip(trained),
-               "untrained": [_strip(b) for b in base], "compare_3d_2d": _strip(compare),
-               "verdict": verdicts(trained, base, majority), "timings": timings, "ocr_refs_seen_in_training": seen,
+               "untrained": [_strip(b) for b in base], "verdict": verdict, "timings": timings,
+               "video_qa": {"accuracy": trained["video"]["accuracy"], "ci95": trained["video"]["ci95"],
+                            "majority": video_base["majority"], "chance": video_base["chance"],
+                            "per_task": verdict["video"]["tasks"], "packing": EVAL_PACKING, "n": trained["video"]["n"]},
+               "compare_3d_2d": {"budget": "one package per second of video (packages x query_num visual tokens)",
+                                 "packings": {str(k): _strip(r) for k, r in sweep.items()},
+                                 "minus_2d": {str(k): paired_difference(r["hits"], sweep[1]["hits"])
+                                              for k, r in sweep.items() if k != 1},
+                                 "paired": verdict["3d_vs_2d"]},
+               "ocr_refs_seen_in_training": seen,
                "skipped_pages": held["skipped_pages"], "pool_sizes": {k: len(v) for k, v in pools.items()},
                "threads": torch.get_num_threads()}
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2, default=str))
@@ -360,8 +410,8 @@ def _cpu() -> float:
 
 
 def _strip(d):
-    """Drop per-sample outputs (metrics.json stays short)."""
-    return {k: _strip(v) for k, v in d.items() if k != "outputs"} if isinstance(d, dict) else d
+    """Drop per-sample lists (metrics.json stays short)."""
+    return {k: _strip(v) for k, v in d.items() if k not in ("outputs", "hits", "tasks")} if isinstance(d, dict) else d
 
 
 def main(argv: list[str] | None = None) -> int:

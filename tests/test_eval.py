@@ -7,9 +7,9 @@ import random
 import pytest
 
 from vlmcook.data.video import VideoInfo, plan_frames
-from vlmcook.eval.metrics import accuracy, budget_frames, cer, edit_distance, normalize_answer, wilson_interval
+from vlmcook.eval.metrics import accuracy, cer, edit_distance, normalize_answer, wilson_interval
 from vlmcook.eval.ocr import sample_level
-from vlmcook.eval.video_qa import chance
+from vlmcook.eval.video_qa import chance, paired_difference
 
 
 def _lev_oracle(a: str, b: str) -> int:
@@ -71,24 +71,27 @@ def test_wilson_interval_table_values():
         wilson_interval(3, 2)
 
 
-def test_budget_frames_arithmetic():
-    assert budget_frames(96, 16, 4) == (6, 24)  # 3D: 6 packages of 4 frames
-    assert budget_frames(96, 16, 1) == (6, 6)  # 2D at the same 96 tokens: 6 frames
-    assert budget_frames(100, 16, 3) == (6, 18)  # a budget that is not a multiple of the query count rounds down
-    with pytest.raises(ValueError, match="below one package"):
-        budget_frames(8, 16, 2)
+@pytest.mark.parametrize("packing", [1, 2, 3, 4, 6])
+def test_one_package_per_second_is_an_equal_budget(packing):
+    """The sweep's premise, on the real planner: fps = packing gives one package per second of video whatever the
+    packing (equal visual tokens), packing frames in each, spread over the whole clip."""
+    info = VideoInfo(source="x", width=112, height=112, fps=6.0, n_frames=48, duration=8.0)
+    plan = plan_frames(info, fps=float(packing), packing=packing, query_num=16)
+    assert len(plan.packages) == 8 and len(plan.frame_indices) == 8 * packing
+    assert all(int(plan.timestamps[i]) == i // packing for i in range(len(plan.timestamps)))  # package j = second j
 
 
-@pytest.mark.parametrize("packing", [1, 2, 4, 6])
-def test_budget_frames_agrees_with_the_video_planner(packing):
-    """The arithmetic the report states is what the processor's planner actually does with max_visual_tokens."""
-    info = VideoInfo(source="x", width=112, height=112, fps=10.0, n_frames=60, duration=6.0)
-    plan = plan_frames(info, fps=10.0, packing=packing, max_visual_tokens=96, query_num=16)
-    packages, frames = budget_frames(96, 16, packing)
-    assert len(plan.packages) == packages
-    assert len(plan.frame_indices) == frames
-    # frames spread over the whole clip, not the first seconds only
-    assert plan.timestamps[-1] > 0.8 * info.duration
+def test_paired_difference():
+    """Paired on the same questions: a model right on 7 of 10 where the other is right on 4 (3 more right, none
+    fewer) -> +0.3 with sd 0.483 -> half-width 1.96 * 0.483 / sqrt(10) = 0.299."""
+    a = [True] * 7 + [False] * 3
+    b = [True] * 4 + [False] * 6
+    r = paired_difference(a, b)
+    assert r["diff"] == pytest.approx(0.3) and r["n"] == 10
+    assert r["ci95"][0] == pytest.approx(0.3 - 1.96 * 0.48304589 / 10 ** 0.5, abs=1e-6)
+    assert paired_difference(b, b)["ci95"] == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        paired_difference(a, b[:3])
 
 
 def test_sample_level_is_most_severe_region():

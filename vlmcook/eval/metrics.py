@@ -6,8 +6,6 @@ Notable:
   standard corpus-level definition. Whitespace runs are collapsed first (line wrapping is not an OCR error here).
 - Answers are compared after `normalize_answer` (lower case, surrounding punctuation / whitespace stripped): a
   one-word answer "Red." counts as "red".
-- `budget_frames`: at `budget` visual tokens and `query_num` tokens per package, a package of `packing` frames
-  lets the model see `packing` times more frames than one frame per package (the 2D resampler).
 """
 
 from __future__ import annotations
@@ -69,14 +67,3 @@ def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple[float, float]:
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
     return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def budget_frames(budget: int, query_num: int, packing: int) -> tuple[int, int]:
-    """(packages, frames) that fit `budget` visual tokens: packages = budget // query_num, frames = packages *
-    packing. 3D (packing k) vs 2D (packing 1) at the same budget: same packages, k times the frames."""
-    if query_num < 1 or packing < 1:
-        raise ValueError(f"budget_frames: query_num {query_num} and packing {packing} must be >= 1")
-    if budget < query_num:
-        raise ValueError(f"budget_frames: a budget of {budget} tokens is below one package ({query_num} tokens)")
-    packages = budget // query_num
-    return packages, packages * packing

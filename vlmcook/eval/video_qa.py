@@ -1,17 +1,18 @@
-"""Video QA evaluation on held-out synthetic videos, and the 3D-vs-2D resampler comparison at an equal token budget.
+"""Video QA evaluation on held-out synthetic videos, and 3D vs 2D packages at an equal visual-token budget.
 
 Notable:
 - Items come from `SynthVideoQA` (vlmcook/data/synth_video.py) with a seed the training data never uses; each
   answer needs time (order, count, motion direction, colour at second t), so one frame cannot answer it.
 - Baselines that need no model: `chance` (a uniform guess over the task's answer set) and `majority` (always the
   most frequent training answer of the task), so an accuracy can be read against what the question text allows.
-- 3D vs 2D: both see `budget` visual tokens = `budget // query_num` packages, sampled uniformly over the whole video
-  (`max_visual_tokens` caps the package count, video.plan_frames). 3D packs `packing` frames per package, 2D one
-  frame per package, so 2D sees `packing` times fewer frames (metrics.budget_frames). Same model, same videos.
+- Equal budget (`packing_sweep`): one package per second of video for every packing k (fps = k), so every k
+  spends the same visual tokens (packages x query_num) on a video and k = 1 (2D) sees k times fewer frames.
+  Differences are paired on the same questions (`paired_difference`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass
 
@@ -56,13 +57,18 @@ def chance(tasks: list[str]) -> float:
     return sum(1 / len(ANSWER_SETS[t]) for t in tasks) / len(tasks)
 
 
-def majority_baseline(train_meta: list[dict], items: list[VideoItem]) -> float:
-    """Accuracy of always answering the most frequent training answer of the item's task."""
+def baselines(train_meta: list[dict], items: list[VideoItem]) -> dict:
+    """What no video is needed for, overall and per task: `chance` (a uniform guess over the task's answers) and
+    `majority` (always the task's most frequent training answer: what the question text alone allows)."""
     best = {}
     for t in TASKS:
         c = Counter(normalize_answer(m["answer"]) for m in train_meta if m["task"] == t)
         best[t] = c.most_common(1)[0][0] if c else ""
-    return sum(best[it.task] == normalize_answer(it.answer) for it in items) / len(items)
+    hit = [best[it.task] == normalize_answer(it.answer) for it in items]
+    per_task = {t: {"chance": 1 / len(ANSWER_SETS[t]),
+                    "majority": sum(h for h, it in zip(hit, items) if it.task == t) / sum(it.task == t for it in items)}
+                for t in TASKS if any(it.task == t for it in items)}
+    return {"chance": chance([it.task for it in items]), "majority": sum(hit) / len(items), "per_task": per_task}
 
 
 def eval_video_qa(model, tokenizer, items: list[VideoItem], max_new_tokens: int = 6) -> dict:
@@ -71,27 +77,41 @@ def eval_video_qa(model, tokenizer, items: list[VideoItem], max_new_tokens: int 
         raise ValueError("eval_video_qa: no items")
     preds = greedy(model, tokenizer, [it.prompt for it in items], max_new_tokens)
     hits = [normalize_answer(p) == normalize_answer(it.answer) for p, it in zip(preds, items)]
-    per_task = {}
+    per_task, per_task_ci95 = {}, {}
     for t in TASKS:
         idx = [k for k, it in enumerate(items) if it.task == t]
         if idx:
             per_task[t] = sum(hits[k] for k in idx) / len(idx)
+            per_task_ci95[t] = wilson_interval(sum(hits[k] for k in idx), len(idx))
     k = sum(hits)
     return {"accuracy": k / len(items), "ci95": wilson_interval(k, len(items)), "per_task": per_task,
+            "per_task_ci95": per_task_ci95,
             "n": len(items), "chance": chance([it.task for it in items]),
             "mean_frames": sum(it.frames for it in items) / len(items),
             "mean_packages": sum(it.packages for it in items) / len(items),
             "examples": [{"task": it.task, "answer": it.answer, "output": p} for it, p in zip(items[:4], preds)],
-            "outputs": preds}
+            "outputs": preds, "hits": hits, "tasks": [it.task for it in items]}
 
 
-def compare_3d_2d(model, tokenizer, config, source, indices, budget: int, packing: int,
+def packing_sweep(model, tokenizer, config, source, indices, packings=(1, 2, 3, 4, 6),
                   max_new_tokens: int = 6) -> dict:
-    """Video QA accuracy of `packing` frames per package vs one frame per package at `budget` visual tokens."""
+    """Video QA at one package per second for each packing k (fps = k): equal visual tokens, k frames per package.
+    -> {k: eval_video_qa result (with per-item `hits`)}."""
     out = {}
-    for name, k in (("3d", packing), ("2d", 1)):
-        items = video_items(source, indices, tokenizer, config, fps=10.0, packing=k, max_visual_tokens=budget)
-        out[name] = eval_video_qa(model, tokenizer, items, max_new_tokens)
-        out[name]["packing"] = k
-    out["budget"] = budget
+    for k in packings:
+        items = video_items(source, indices, tokenizer, config, fps=float(k), packing=k)
+        out[k] = eval_video_qa(model, tokenizer, items, max_new_tokens)
+        out[k]["packing"] = k
     return out
+
+
+def paired_difference(hits_a: list[bool], hits_b: list[bool], z: float = 1.96) -> dict:
+    """Accuracy of a minus accuracy of b on the same questions, with the normal-approximation 95% interval of the
+    mean per-question difference (each d_i in {-1, 0, 1}; paired, so question difficulty cancels)."""
+    if len(hits_a) != len(hits_b) or not hits_a:
+        raise ValueError(f"paired_difference: {len(hits_a)} vs {len(hits_b)} answers")
+    d = [int(a) - int(b) for a, b in zip(hits_a, hits_b)]
+    n, mean = len(d), sum(d) / len(d)
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / (n - 1)) if n > 1 else 0.0
+    half = z * sd / math.sqrt(n)
+    return {"diff": mean, "ci95": (mean - half, mean + half), "n": n}
