@@ -2,11 +2,16 @@
 
 `chat` prints the answer on stdout and everything else (reasoning with --think, --stats, REPL notices) on stderr,
 so `vlmcook chat "q" > answer.txt` keeps just the answer.
+
+`main` is the error boundary of every command: bad input (a `ValueError` or `OSError`, which name what was wrong,
+and bad flags) is one line on stderr and exit code 2; anything else is a bug, reported in one line with exit code 1;
+`VLMCOOK_DEBUG=1` shows the traceback instead (docs/reliability.md, "Command line").
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -182,8 +187,9 @@ def _repl(chat_model, args) -> int:
             user = {"role": "user", "content": [*pending, line] if pending else line}
             try:
                 reasoning, answer = _turn(chat_model, [*history, user], args)
-            except ValueError as e:  # a bad file or knob: report and keep the conversation as it was
-                print(f"error: {e}{' (attachments dropped)' if pending else ''}", file=sys.stderr)
+            except (ValueError, OSError) as e:  # a bad file or knob: report and keep the conversation as it was
+                full = " (/reset starts a new conversation)" if type(e).__name__ == "ContextLengthError" else ""
+                print(f"error: {_one_line(e)}{' (attachments dropped)' if pending else ''}{full}", file=sys.stderr)
                 pending = []
                 continue
             # The reasoning is kept in its own field, as the chat template expects it (it drops it from turns
@@ -192,10 +198,25 @@ def _repl(chat_model, args) -> int:
             pending = []
 
 
+def _check_video_flags(args) -> None:
+    """Video flags are checked before the slow load; one-shot they need a --video (else they would do nothing)."""
+    from vlmcook.data.video import check_knobs
+
+    given = [f"--{k.replace('_', '-')}" for k in ("fps", "max_frames", "packing", "max_visual_tokens")
+             if getattr(args, k) is not None]
+    if given and args.question is not None and not args.video:
+        raise ValueError(f"{', '.join(given)}: video sampling flags need a --video, and none is given")
+    try:
+        check_knobs(args.fps, args.max_frames, args.packing, args.max_visual_tokens, query_num=1)
+    except ValueError as e:
+        raise ValueError(f"--{str(e).replace('_', '-')}") from None
+
+
 def _chat(args) -> int:
     for f in [*(args.image or []), *([args.video] if args.video else [])]:
         if not Path(f).is_file():
             raise FileNotFoundError(f"{f}: no such file")
+    _check_video_flags(args)
     chat_model = _load_chat_model(args)
     if args.question is None:
         return _repl(chat_model, args)
@@ -246,11 +267,35 @@ Images and videos come as data:<type>;base64,... URLs, or as file:///paths / pla
 (symlinks resolved first). http(s) URLs are refused: the server never fetches from the network."""
 
 
+def device_flag(spec: str) -> str:
+    """--device, checked against this machine before anything loads (torch's own errors come late and as
+    AssertionError / RuntimeError tracebacks)."""
+    import torch
+
+    try:
+        dev = torch.device(spec)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{spec!r} is not a device (cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise argparse.ArgumentTypeError(f"{spec}: no CUDA device here (torch {torch.__version__}"
+                                             f"{' is a CPU-only build' if torch.version.cuda is None else ''}); "
+                                             f"use --device cpu")
+        if dev.index is not None and dev.index >= n:
+            raise argparse.ArgumentTypeError(f"{spec}: there are {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{spec}: MPS is not available on this machine; use --device cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{spec}: device type {dev.type!r} is not supported (cpu, cuda, mps)")
+    return spec
+
+
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", metavar="DIR", help=f"checkpoint folder in the released layout (default: "
                                                    f"{DEFAULT_MODEL}, made by `make demo`)")
     p.add_argument("--dtype", help="float32 | bfloat16 | float16 (default: the checkpoint's; fp32 on CPU)")
-    p.add_argument("--device", help="cpu | cuda | cuda:N (default: cuda when present)")
+    p.add_argument("--device", type=device_flag, help="cpu | cuda | cuda:N | mps (default: cuda when present)")
 
 
 def _add_chat_parser(sub) -> None:
@@ -280,13 +325,23 @@ def _add_chat_parser(sub) -> None:
     c.set_defaults(fn=_chat)
 
 
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a port number (1..65535)")
+    return port
+
+
 def _add_serve_parser(sub) -> None:
     s = sub.add_parser("serve", help="OpenAI-compatible HTTP server (/v1/chat/completions)",
                        description="Serve a checkpoint over HTTP in the OpenAI chat-completions format.",
                        epilog=SERVE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_model_args(s)
     s.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: this machine only)")
-    s.add_argument("--port", type=int, default=8000, help="default 8000")
+    s.add_argument("--port", type=_port, default=8000, help="1..65535 (default 8000)")
     s.add_argument("--served-model-name", help="the model id clients send (default: the folder's name)")
     s.add_argument("--allowed-media-dir", metavar="DIR", help="local files may be read from this folder only "
                                                                "(default: none, data URLs only)")
@@ -297,12 +352,25 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--max-frames", type=int, default=64, help="frames per video (default 64)")
     s.add_argument("--max-queue", type=int, default=16, help="requests waiting for the model; more get HTTP 429 "
                                                              "(default 16)")
-    s.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+    s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="uvicorn log level (default info)")
     s.set_defaults(fn=_serve)
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `vlmcook chat: error: argument --fps: ... (see vlmcook chat --help)`,
+    instead of the whole usage block (dozens of lines for `train`); exit code 2 as argparse's. Sub-commands
+    inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vlmcook", description="MiniCPM-V 4.5 in plain PyTorch: run, train, reproduce.")
+    p = _Parser(prog="vlmcook", description="MiniCPM-V 4.5 in plain PyTorch: run, train, reproduce.")
+    from vlmcook import __version__
+
+    p.add_argument("--version", action="version", version=f"vlmcook {__version__}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     d = sub.add_parser("demo", help="the main job: the recipe at toy scale, trained here on data made here (CPU)",
@@ -341,15 +409,47 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _close_progress_bars() -> None:
+    """A progress bar an exception left open would otherwise share its line with the error message."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", [])):
+        bar.close()
+
+
+def _report(name: str, e: Exception) -> int:
+    """Print one line for an exception that ended a command; -> the exit code."""
+    _close_progress_bars()
+    if isinstance(e, BrokenPipeError):  # `vlmcook chat ... | head -c 10`: the reader left; nothing more to say there
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    if isinstance(e, (ValueError, OSError, ImportError)):  # bad input, a missing file or extra: they name what/where
+        print(f"{name}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":  # torch's is a RuntimeError
+        print(f"{name}: error: out of memory ({_one_line(e)}); use smaller inputs or a smaller model", file=sys.stderr)
+        return 1
+    print(f"{name}: internal error: {type(e).__name__}: {_one_line(e)} (this is a bug; rerun with VLMCOOK_DEBUG=1 "
+          f"for the traceback and report it)", file=sys.stderr)
+    return 1
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+    if os.environ.get("VLMCOOK_DEBUG", "") not in ("", "0"):
         return int(args.fn(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # our input errors carry their own context; no traceback
-        print(f"vlmcook {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    try:
+        code = int(args.fn(args) or 0)
+        sys.stdout.flush()  # a reader that left shows up here, inside the boundary, not at interpreter exit
+        return code
     except KeyboardInterrupt:
+        _close_progress_bars()
         return 130
+    except Exception as e:
+        return _report(f"vlmcook {args.command}", e)
 
 
 if __name__ == "__main__":

@@ -150,6 +150,11 @@ class Tokenizer:
         encoded as the characters they spell, except the grounding tags of TEXT_TOKENS; no BOS is added."""
         if not isinstance(text, str):
             raise TypeError(f"encode_text expects a str, got {type(text).__name__}")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate ("\\ud800" in JSON): tokenizers would raise TypeError
+            raise ValueError(f"text is not valid Unicode: a lone surrogate {text[e.start]!r} at character "
+                             f"{e.start}") from None
         ids: list[int] = []
         for k, piece in enumerate(_TEXT_TOKENS.split(text)):  # odd pieces are the tags themselves
             if k % 2:

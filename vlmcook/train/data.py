@@ -329,7 +329,7 @@ class Mixture:
             if sample is not None:
                 return sample
         skips = "; ".join(f"{_name(s)}: {s.skips.summary()}" for s in self.sources if getattr(s, "skips", None))
-        raise DataError(f"position {i}", "all_skipped", f"the mixture's {self.max_attempts} draws were all skipped "
+        raise DataError(f"mixture position {i}", "all_skipped", f"the mixture's {self.max_attempts} draws were all skipped "
                                                         f"records ({skips or 'see each source'})")
 
     def iterate(self, start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, dict]]:

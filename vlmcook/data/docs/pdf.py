@@ -15,6 +15,7 @@ Notable:
 
 from __future__ import annotations
 
+import math
 import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,17 @@ class PdfConfig:
     max_side: int = 2048  # cap on the rendered page's longer side, px
     pad: int = 2  # box padding beyond the glyph boxes, px
     min_ink: float = 0.002  # a region needs this fraction of ink-like pixels, else its text is not visible
+
+    def __post_init__(self):
+        # a dpi of 0 or NaN would render nothing and skip every page with a misleading reason
+        if not (isinstance(self.dpi, (int, float)) and 0 < self.dpi < math.inf):
+            raise ValueError(f"dpi must be a number > 0, got {self.dpi!r}")
+        if isinstance(self.max_side, bool) or not isinstance(self.max_side, int) or self.max_side < 1:
+            raise ValueError(f"max_side must be an int >= 1, got {self.max_side!r}")
+        if isinstance(self.pad, bool) or not isinstance(self.pad, int) or self.pad < 0:
+            raise ValueError(f"pad must be an int >= 0, got {self.pad!r}")
+        if not 0 <= self.min_ink <= 1:
+            raise ValueError(f"min_ink must be in [0, 1], got {self.min_ink!r}")
 
 
 @dataclass
