@@ -248,13 +248,13 @@ def glyph_batches(glyphs: list[dict], seed: int, batch: int = 16):
     return source
 
 
-def train_recipe(model, pools: dict, plan: Plan, seed: int, tok, steps=tuple(RECIPE)) -> dict:
-    """Every recipe step in order on one model (train/loop.py); -> {step: [{"loss", "lr", ...} per step]}."""
+def train_recipe(model, pools: dict, plan: Plan, seed: int, tok, steps=tuple(RECIPE), recipe=RECIPE) -> dict:
+    """`steps` of `recipe` in order on one model (train/loop.py); -> {step: [{"loss", "lr", ...} per step]}."""
     from vlmcook.train.data import Mixture, in_background, token_batches
 
     history = {}
     for name in steps:
-        step, lr = RECIPE[name], plan.lr[name]
+        step, lr = recipe[name], plan.lr[name]
         cfg = TrainConfig(stage=step.stage, steps=plan.steps[name], lr=lr, min_lr=lr / 10, schedule=step.schedule,
                           warmup_frac=0.05, decay_frac=0.2, seed=seed, log_every=0, weight_decay=0.01)
         if name == "vision":
@@ -363,7 +363,9 @@ def run(out: str = "runs/demo", seed: int = 0, quick: bool = False, plan: Plan |
     n_params = sum(p.numel() for p in model.parameters())
     print(f"[demo] model: {n_params:,} parameters; steps " + ", ".join(f"{s} {plan.steps[s]}" for s in RECIPE))
     t = time.perf_counter()
-    history = train_recipe(model, pools, plan, seed, tok)
+    history = train_recipe(model, pools, plan, seed, tok, steps=tuple(RECIPE)[:-1])
+    save_model(model, out_dir / "after_sft", tokenizer=tok)  # where recipes/video_ablation.py branches off
+    history |= train_recipe(model, pools, plan, seed, tok, steps=("video3d",))
     timings["train"] = time.perf_counter() - t
 
     t = time.perf_counter()

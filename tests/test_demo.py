@@ -215,3 +215,15 @@ def test_reading_verdict_separates_a_reader_from_a_page_blind_model(monkeypatch)
             assert res["per_level"]["low"] == res["per_level_other_page"]["low"] > 0
         v = verdicts({"ocr": res, "video": video}, base, majority=0.1)
         assert v["ocr"]["reads"] is reads  # "learned" (vs untrained) can hold for both: format and vocabulary
+
+
+@pytest.mark.slow
+def test_video_ablation_smoke(tmp_path):
+    """recipes/video_ablation.py end to end on a smoke demo run: both arms per seed, paired differences, verdict."""
+    from recipes import video_ablation
+
+    run(out=str(tmp_path / "demo"), seed=0, plan=smoke_plan(steps=1), config=smoke_config())
+    assert video_ablation.main(["--demo", str(tmp_path / "demo"), "--seeds", "0,1", "--out", str(tmp_path / "a")]) == 0
+    r = json.loads((tmp_path / "a" / "video_ablation.json").read_text())
+    assert r["seeds"] == [0, 1] and set(r["accuracy"]) == {"3d@4", "2d@1", "3d@1"}
+    assert r["3d@4_minus_2d@1"]["verdict"] in ("3D better", "2D better", "no difference shown")
