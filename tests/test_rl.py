@@ -229,6 +229,16 @@ def test_rl_demo_smoke(tmp_path):
     assert set(r) >= {"sft", "long_only", "hybrid"}
     assert r["long_only"]["history"][0]["n_short"] == 0  # long_share 1.0: every prompt in long mode
     assert (tmp_path / "demo" / "metrics.json").is_file()
+    # Golden values of a reviewed run (CPU, one thread, torch 2.13; refresh by printing these fields after a
+    # deliberate change): the SFT loss after its steps, and the first RL step of each arm. The long-only arm's 4
+    # completions all end inside an unclosed think block (-1 format reward each, so no reward spread: the group is
+    # dropped, no update); the hybrid arm's short answers get an update.
+    long1, hyb1 = r["long_only"]["history"][0], r["hybrid"]["history"][0]
+    assert r["sft"]["final_loss"] == pytest.approx(5.7465, abs=2e-3)
+    assert (long1["reward_format"], long1["issue_unclosed_think"], long1["frac_dropped"], long1["updates"]) == \
+        (-1.0, 4, 1.0, 0)
+    assert (hyb1["n_short"], hyb1["updates"], hyb1["frac_dropped"]) == (2, 2, 0.0)
+    assert hyb1["grad_norm"] == pytest.approx(2.8746, rel=1e-2) and hyb1["loss"] == pytest.approx(9.47e-4, rel=5e-2)
 
 
 def _cli_args(data: Path, out: Path) -> list[str]:
