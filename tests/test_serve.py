@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import asyncio
 
@@ -30,7 +31,8 @@ from vlmcook.config import PRESETS  # noqa: E402
 from vlmcook.data.chat import EMPTY_THINK  # noqa: E402
 from vlmcook.data.tokenizer import Tokenizer  # noqa: E402
 from vlmcook.infer.api import ChatModel  # noqa: E402
-from vlmcook.infer.serve import ServeSettings, Worker, create_app  # noqa: E402
+from test_engine import Recording  # noqa: E402
+from vlmcook.infer.serve import QueueFull, ServeSettings, Worker, create_app  # noqa: E402
 from vlmcook.model.minicpmv import MiniCPMV  # noqa: E402
 
 Q = PRESETS["tiny"].query_num  # 8 visual tokens per view / video package
@@ -71,7 +73,7 @@ def srv(tmp_path_factory):
     (media / "escape.png").symlink_to(outside / "secret.png")
     chat_model = ChatModel.load(root / "model")
     settings = ServeSettings(model_name="tiny", allowed_media_dir=media, max_request_mb=1.0, max_media_mb=0.25,
-                             max_images=3, max_frames=8)
+                             max_images=3, max_frames=8, max_rows=8, max_kv_tokens=20_000)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.bind(("127.0.0.1", 0))
     app = create_app(chat_model, settings)
@@ -220,9 +222,10 @@ def test_concurrent_requests_match_sequential(srv):
               for i in range(4)]
     bodies.append({"messages": user({"type": "video", "video": "clip.mp4"}, "and this?"), **GREEDY})
     one_by_one = [post(srv, b).json()["choices"] for b in bodies]
-    with ThreadPoolExecutor(len(bodies)) as pool:
+    with recorded(srv) as rec, ThreadPoolExecutor(len(bodies)) as pool:
         together = list(pool.map(lambda b: post(srv, b).json()["choices"], bodies))
     assert together == one_by_one
+    assert max(rows for kind, rows, _ in rec.calls if kind == "decode") >= 2  # they did share a batch
     assert len({c[0]["message"]["content"] for c in one_by_one[:4]}) > 1  # the seeds matter: not one answer
 
 
@@ -242,7 +245,9 @@ BAD = {
     "malformed json": (b'{"messages": [', 400, "malformed JSON"),
     "not an object": (b"[1, 2]", 400, "JSON object"),
     "unknown field": ({"messages": user("hi"), "frobnicate": 1}, 400, "frobnicate"),
-    "behaviour-changing field": ({"messages": user("hi"), "n": 2}, 400, "n=2"),
+    "behaviour-changing field": ({"messages": user("hi"), "stop": ["x"]}, 400, "stop=['x']"),
+    "more choices than rows": ({"messages": user("hi"), "n": 9}, 400, "n=9 is more than the 8 rows"),
+    "over the KV budget": ({"messages": user("hi"), "n": 8, "max_tokens": 3000}, 400, "max_kv_tokens"),
     "bad role": ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     "bad content": ({"messages": [{"role": "user", "content": 5}]}, 400, "messages[0].content"),
     "bad part type": ({"messages": user({"type": "audio_url"}, "x")}, 400, "audio_url"),
@@ -303,41 +308,94 @@ def test_ignored_and_noop_fields_are_accepted(srv):
     check_reply(post(srv, body), direct(srv, user("hi")))
 
 
-def test_client_disconnect_mid_stream_frees_the_worker(srv):
-    body = {"messages": user("go on"), "stream": True, "max_tokens": 2000, "temperature": 1.0, "seed": 0,
+@contextmanager
+def recorded(srv, delay=0.005):
+    """The forwards the server's engine runs meanwhile (test_engine.Recording), each slowed by `delay`."""
+    engine = srv.model.engine
+    engine.model = rec = Recording(engine.model, delay)
+    try:
+        yield rec
+    finally:
+        engine.model = rec.model
+
+
+def wait_idle(srv, timeout=20.0) -> dict:
+    deadline = time.time() + timeout
+    while (h := srv.client.get("/health").json())["running_rows"] and time.time() < deadline:
+        time.sleep(0.01)
+    return h
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "plain"])
+def test_client_gone_its_row_leaves_at_the_next_step(srv, stream):
+    """A client that hangs up (mid-stream, or waiting for a plain reply) takes its row out of the batch at once,
+    not 2000 tokens later, while a request beside it runs on to the same answer as alone."""
+    body = {"messages": user("go on"), "stream": stream, "max_tokens": 2000, "temperature": 1.0, "seed": 0,
             "repetition_penalty": 1.0}
-    before = srv.client.get("/health").json()["cancelled_streams"]
-    with srv.client.stream("POST", "/v1/chat/completions", json=body) as r:
-        lines = r.iter_lines()
-        assert next(lines).startswith("data: ")  # the stream started; now hang up
-    good = {"messages": user("still there?"), **GREEDY}
-    check_reply(post(srv, good), direct(srv, user("still there?")))
-    # the good request ran after the stream's job ended (one worker, FIFO): it was stopped, not run to 2000 tokens
-    assert srv.client.get("/health").json()["cancelled_streams"] == before + 1
+    beside = {"messages": user("still there?"), "seed": 5, "temperature": 1.0, "max_tokens": 30}
+    before = srv.client.get("/health").json()["cancelled_requests"]
+    with recorded(srv) as rec, ThreadPoolExecutor(1) as pool:
+        other = pool.submit(post, srv, beside)
+        if stream:
+            with srv.client.stream("POST", "/v1/chat/completions", json=body) as r:
+                lines = (line for line in r.iter_lines() if line)
+                assert next(lines).startswith("data: ") and next(lines).startswith("data: ")  # started: hang up
+        else:
+            with httpx.Client(base_url=srv.client.base_url, timeout=httpx.Timeout(60, read=0.5)) as c:
+                with pytest.raises(httpx.ReadTimeout):  # gives up after 0.5 s and closes the connection
+                    c.post("/v1/chat/completions", json=body)
+        gone_at = len(rec.calls)
+        health = wait_idle(srv)
+        steps_after = sum(kind == "decode" for kind, *_ in rec.calls[gone_at:])
+        reply = other.result(30)
+    assert health["cancelled_requests"] == before + 1 and health["running_rows"] == 0
+    assert steps_after < 60  # the beside request's 30 steps and the row's last one or two; 2000 if never stopped
+    assert reply.json()["choices"][0]["message"]["content"] == \
+        direct(srv, beside["messages"], seed=5, temperature=1.0, max_new_tokens=30).answer
 
 
-def test_worker_runs_one_job_at_a_time():
-    """The property the server relies on: jobs submitted together never overlap, plain or streamed, and each
-    caller gets its own result back."""
-    worker, active, peak = Worker(), [], []
+def test_n_choices_share_one_prefill(srv):
+    body = {"messages": user({"type": "image_url", "image_url": {"url": "red.png"}}, "Describe."), "n": 3,
+            "seed": 4, "temperature": 1.0, "max_tokens": 8}
+    with recorded(srv, delay=0) as rec:
+        j = post(srv, body).json()
+    assert [c[:2] for c in rec.calls if c[0] == "prefill"] == [("prefill", 1)]
+    expect = srv.model.chat(user({"type": "image", "image": str(srv.media / "red.png")}, "Describe."), n=3, seed=4,
+                            temperature=1.0, max_new_tokens=8)
+    assert [c["index"] for c in j["choices"]] == [0, 1, 2]
+    assert [c["message"]["content"] for c in j["choices"]] == [r.answer for r in expect]
+    assert len({r.answer for r in expect}) == 3  # different samples, not one answer three times
+    assert j["usage"]["prompt_tokens"] == expect[0].usage.prompt_tokens
+    assert j["usage"]["completion_tokens"] == sum(r.usage.completion_tokens for r in expect)
+    with srv.client.stream("POST", "/v1/chat/completions",
+                           json={**body, "stream": True, "stream_options": {"include_usage": True}}) as r:
+        events = sse_events(r)
+    for i, choice in enumerate(j["choices"]):
+        mine = [e["choices"][0] for e in events if e["choices"] and e["choices"][0]["index"] == i]
+        assert "".join(c["delta"].get("content", "") for c in mine) == choice["message"]["content"]
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == [choice["finish_reason"]]
+    assert events[-1]["usage"] == j["usage"]
+
+
+def test_worker_runs_jobs_side_by_side_up_to_its_limit():
+    """Each job runs on its own thread (the engine batches their generations), at most `limit` at once."""
+    worker, barrier, release = Worker(3), threading.Barrier(3, timeout=10), threading.Event()
 
     def job(i):
-        active.append(i)
-        peak.append(len(active))
-        time.sleep(0.01)
-        active.remove(i)
-        return i
-
-    def gen(i):
-        for k in range(3):
-            yield job(10 * i + k)
-
-    async def streamed(i):
-        return [x async for x in worker.stream(lambda: gen(i))]
+        barrier.wait()  # passes only when the three jobs run at the same time
+        yield i
+        release.wait(10)
 
     async def main():
-        return await asyncio.gather(*(worker.run(job, i) for i in range(5)), *(streamed(i) for i in range(1, 4)))
+        async def one(i):
+            return [x async for x in worker.stream(lambda: job(i))]
 
-    out = asyncio.run(main())
-    assert out == [0, 1, 2, 3, 4, [10, 11, 12], [20, 21, 22], [30, 31, 32]]
-    assert max(peak) == 1
+        tasks = [asyncio.create_task(one(i)) for i in range(3)]
+        while worker.active < 3:
+            await asyncio.sleep(0.01)
+        with pytest.raises(QueueFull, match="3 requests are in progress"):
+            worker.admit()
+        release.set()
+        return await asyncio.gather(*tasks)
+
+    assert asyncio.run(main()) == [[0], [1], [2]]

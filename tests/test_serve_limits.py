@@ -22,7 +22,8 @@ from vlmcook.data import processor  # noqa: E402
 from vlmcook.data.image import ImageError  # noqa: E402
 from vlmcook.data.tokenizer import Tokenizer  # noqa: E402
 from vlmcook.infer.api import ChatChunk, ChatModel, ChatResult, Timings, Usage  # noqa: E402
-from vlmcook.infer.serve import MIN_TEMPERATURE, PENALTY_RANGE, ServeSettings, create_app  # noqa: E402
+from vlmcook.infer.engine import MIN_TEMPERATURE, PENALTY_RANGE, Limits  # noqa: E402
+from vlmcook.infer.serve import ServeSettings, create_app  # noqa: E402
 from vlmcook.model.minicpmv import MiniCPMV  # noqa: E402
 
 URL = "/v1/chat/completions"
@@ -31,19 +32,20 @@ RESULT = ChatResult("ok", "", "ok", "stop", USAGE, Timings(0.0, 0.0, 0.0))
 
 
 class Stub:
-    """ChatModel's surface as the server uses it: records each call, then runs `then` (raise, block, ...)."""
+    """ChatModel's surface as the server uses it (streamed chat, the engine's limits and load): records each call,
+    then runs `then` (raise, block, ...)."""
 
     def __init__(self, then=None, stream_then=None):
-        self.engine = SimpleNamespace(context_length=4096)
+        self.engine = SimpleNamespace(context_length=4096, limits=Limits(max_rows=4, max_queue=4, max_kv_tokens=10**6),
+                                      load=lambda: {"running_rows": 0, "waiting": 0})
         self.model = SimpleNamespace(config=PRESETS["tiny"])  # max_slice_nums 4
         self.calls, self.then, self.stream_then = [], then, stream_then
 
     def chat(self, messages, stream=False, **kw):
+        assert stream, "the server streams every request (to notice a client that goes away)"
         self.calls.append((messages, kw))
         if self.then:
             self.then()
-        if not stream:
-            return RESULT
 
         def chunks():
             yield ChatChunk("o", answer="o")
@@ -92,7 +94,7 @@ def test_request_reaches_chat_in_the_processor_format():
     # video frames default to the server's ceiling
     assert kw == dict(thinking=True, max_new_tokens=None, temperature=None, top_p=None, top_k=0,
                       repetition_penalty=None, seed=7, think_budget=None, max_slice_nums=None, fps=None, packing=2,
-                      max_frames=12, max_visual_tokens=None)
+                      max_frames=12, max_visual_tokens=None, n=1)
 
 
 # ---- unknown keys, wrong types ----------------------------------------------------------------------------------
@@ -179,12 +181,12 @@ def test_error_in_the_middle_of_a_stream_is_an_event():
 def test_full_queue_gets_429_with_retry_after():
     gate = threading.Event()
     stub = Stub(then=lambda: gate.wait(10))
-    app = create_app(stub, ServeSettings(model_name="m", max_queue=1))
+    app = create_app(stub, ServeSettings(model_name="m", max_rows=1, max_queue=1))
 
     async def main():
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
             running = [asyncio.create_task(c.post(URL, json={"messages": HI})) for _ in range(2)]
-            while (await c.get("/health")).json()["waiting"] < 2:  # one generating, one queued
+            while (await c.get("/health")).json()["requests"] < 2:  # one row's worth running, one waiting
                 await asyncio.sleep(0.01)
             full = await c.post(URL, json={"messages": HI})
             gate.set()
@@ -231,10 +233,11 @@ def test_odd_paths_are_400s(tiny):
 
 
 def test_settings_refuse_limits_that_cannot_work():
-    for bad in (dict(max_queue=-1), dict(max_frames=0), dict(max_media_mb=0), dict(max_images=-1)):
+    for bad in (dict(max_queue=-1), dict(max_queue=0), dict(max_rows=0), dict(max_kv_tokens=0), dict(max_frames=0),
+                dict(max_media_mb=0), dict(max_images=-1)):
         with pytest.raises(ValueError, match=next(iter(bad)).replace("_", "-")):
             ServeSettings(**bad)
-    ServeSettings(max_queue=0, max_images=0, max_videos=0)  # one request at a time, text only: allowed
+    ServeSettings(max_rows=1, max_queue=1, max_images=0, max_videos=0)  # one request at a time, text only: allowed
 
 
 @pytest.mark.parametrize("field, value", [("temperature", 1e-30), ("temperature", 1e-45), ("temperature", 5e-324),

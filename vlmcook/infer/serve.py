@@ -9,9 +9,12 @@
   that names no internals.
 - Media: base64 data URLs, and files under `settings.allowed_media_dir` (symlinks resolved before the containment
   check; errors name the path the client sent). Nothing is fetched from the network: http(s) URLs are refused.
-- One generation at a time, in arrival order, on one worker thread (`Worker`): the model, its KV cache and torch's
-  RNG are not thread-safe, and a seeded request gets the same answer alone or among others. At most `max_queue`
-  requests wait (more get 429 + Retry-After). A stream stops at the next token when its client goes away.
+- Requests run together: each one's preprocessing and detokenizing on a thread of its own (`Worker`), its rows in
+  the engine's running batch, which it joins at the next step and leaves as soon as it is done (engine.py); a
+  seeded request gets the same answer alone or among others. Limits: rows running (`max_rows`), requests waiting
+  to join (`max_queue`; more get 429 + Retry-After), KV-cache positions (`max_kv_tokens`; a request that can never
+  fit gets 400); defaults from the model and the memory. When a client goes away (streaming or not), its rows
+  leave the batch at the next step. `n` > 1: one prefill, n choices.
 - Sampling fields left out take the release's presets for the mode (`api.SAMPLING_PRESETS`), not OpenAI's
   temperature 1; enable_thinking (or chat_template_kwargs.enable_thinking, as vLLM) defaults to False.
 """
@@ -29,7 +32,7 @@ import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, AsyncIterator, Callable, Literal
 from urllib.parse import unquote, urlparse
@@ -42,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmcook.data import video
 from vlmcook.data.processor import ContextLengthError
+from vlmcook.infer.engine import MIN_TEMPERATURE, PENALTY_RANGE, QueueFullError, WontFitError
 
 log = logging.getLogger(__name__)
 
@@ -55,14 +59,19 @@ class ServeSettings:
     max_images: int = 8  # image parts per request (all messages)
     max_videos: int = 2  # video parts per request
     max_frames: int = 64  # frames sampled per video (the default and the ceiling of video_max_frames)
-    max_queue: int = 16  # requests waiting behind the one generating; more get 429
+    # The engine's limits (engine.Limits); None keeps the engine's default, derived from the model and the memory.
+    max_rows: int | None = None  # rows decoding together (a request with n choices takes n)
+    max_queue: int | None = None  # requests waiting to join them; more get 429
+    max_kv_tokens: int | None = None  # KV-cache positions; a request that can never fit gets 400
 
     def __post_init__(self):
-        for name in ("max_request_mb", "max_media_mb", "max_frames", "max_images", "max_videos", "max_queue"):
-            zero_ok = name in ("max_images", "max_videos", "max_queue")
-            if not getattr(self, name) >= 0 or (getattr(self, name) == 0 and not zero_ok):
-                raise ValueError(f"--{name.replace('_', '-')} {getattr(self, name)!r}: must be "
-                                 f"{'>= 0' if zero_ok else '> 0'}")
+        for name in ("max_request_mb", "max_media_mb", "max_frames", "max_images", "max_videos", "max_rows",
+                     "max_queue", "max_kv_tokens"):
+            value, zero_ok = getattr(self, name), name in ("max_images", "max_videos")
+            if name.startswith(("max_rows", "max_queue", "max_kv")) and value is None:
+                continue
+            if not value >= 0 or (value == 0 and not zero_ok):
+                raise ValueError(f"--{name.replace('_', '-')} {value!r}: must be {'>= 0' if zero_ok else '> 0'}")
 
 
 class APIError(Exception):
@@ -77,9 +86,6 @@ class APIError(Exception):
 
 
 # ---- the request ---------------------------------------------------------------------------------------------
-# Sampling stays finite in float32 (|logit| * penalty / temperature far below 3.4e38) within these bounds; a
-# temperature of 1e-45 or a penalty of 1e-300 ends in "probability tensor contains inf/nan".
-MIN_TEMPERATURE, PENALTY_RANGE = 1e-4, (1e-3, 1e3)
 MEDIA = {"image_url": "image", "image": "image", "video_url": "video", "video": "video"}  # part type -> kind
 
 
@@ -171,7 +177,7 @@ class ChatRequest(_Strict):
     video_max_frames: int | None = Field(None, ge=1)  # at most settings.max_frames
     video_packing: int | None = Field(None, ge=1, le=video.MAX_PACKING)
     video_max_visual_tokens: int | None = Field(None, ge=1)
-    n: _only(1) = None
+    n: int | None = Field(None, ge=1)  # choices, from one prefill; at most the engine's max_rows
     stop: _only([]) = None
     presence_penalty: _only(0) = None
     frequency_penalty: _only(0) = None
@@ -193,7 +199,8 @@ class ChatRequest(_Strict):
     @classmethod
     def _not_tiny(cls, t):
         if t and t < MIN_TEMPERATURE:
-            raise ValueError(f"positive temperatures below {MIN_TEMPERATURE:g} overflow sampling; use 0 for greedy")
+            raise ValueError(f"positive temperatures below {MIN_TEMPERATURE:g} are refused (engine.SamplingParams); "
+                             f"use 0 for greedy")
         return t
 
 
@@ -291,7 +298,7 @@ def _messages(req: ChatRequest, settings: ServeSettings) -> tuple[list[dict], di
     return out, paths
 
 
-def _chat_args(req: ChatRequest, settings: ServeSettings, max_slice_nums: int) -> dict[str, Any]:
+def _chat_args(req: ChatRequest, settings: ServeSettings, max_slice_nums: int, max_rows: int) -> dict[str, Any]:
     """Cross-field rules and this server's limits -> keyword arguments of ChatModel.chat."""
     inner = req.chat_template_kwargs.enable_thinking if req.chat_template_kwargs else None
     if None not in (req.enable_thinking, inner) and req.enable_thinking != inner:
@@ -309,11 +316,15 @@ def _chat_args(req: ChatRequest, settings: ServeSettings, max_slice_nums: int) -
     if (req.max_slice_nums or 0) > max_slice_nums:
         raise APIError(400, f"max_slice_nums={req.max_slice_nums} is more than the checkpoint's "
                             f"{max_slice_nums} (config.json slice_config)", "max_slice_nums")
+    if (req.n or 1) > max_rows:
+        raise APIError(400, f"n={req.n} is more than the {max_rows} rows this server decodes at once (--max-rows)",
+                       "n", "too_many_choices")
     return dict(thinking=thinking, max_new_tokens=req.max_tokens or req.max_completion_tokens,
                 temperature=req.temperature, top_p=req.top_p, top_k=None if req.top_k is None else max(req.top_k, 0),
                 repetition_penalty=req.repetition_penalty, seed=req.seed, think_budget=req.thinking_budget,
                 max_slice_nums=req.max_slice_nums, fps=req.video_fps, packing=req.video_packing,
-                max_frames=req.video_max_frames or settings.max_frames, max_visual_tokens=req.video_max_visual_tokens)
+                max_frames=req.video_max_frames or settings.max_frames, max_visual_tokens=req.video_max_visual_tokens,
+                n=req.n or 1)
 
 
 def _chat_error(e: Exception, paths: dict[str, str], context: int, asked: int | None) -> APIError:
@@ -321,6 +332,10 @@ def _chat_error(e: Exception, paths: dict[str, str], context: int, asked: int | 
     paths replaced by the client's), anything else is ours (500; the details go to the log only)."""
     if isinstance(e, APIError):
         return e
+    if isinstance(e, QueueFullError):
+        return QueueFull(str(e))
+    if isinstance(e, WontFitError):
+        return APIError(400, f"this request cannot be served here: {e}", "max_tokens", "kv_cache_exceeded")
     if isinstance(e, ContextLengthError):
         asked_text = f" and {asked} completion tokens were requested" if asked else ""
         return APIError(400, f"this model's maximum context length is {context} tokens; the prompt is "
@@ -338,31 +353,29 @@ def _chat_error(e: Exception, paths: dict[str, str], context: int, asked: int | 
 
 # ---- the generation worker -------------------------------------------------------------------------------------
 class QueueFull(APIError):
-    def __init__(self, max_queue: int):
-        super().__init__(429, f"the server is busy: {max_queue} requests are waiting already (--max-queue); retry "
-                              f"shortly", None, "queue_full", "server_error", {"Retry-After": "1"})
+    def __init__(self, why: str):
+        super().__init__(429, f"the server is busy: {why}; retry shortly", None, "queue_full", "server_error",
+                         {"Retry-After": "1"})
 
 
 class Worker:
-    """Runs generation jobs one at a time, in arrival order, on one thread (the model is not thread-safe); at most
-    `max_queue` jobs wait behind the running one. A batching scheduler can replace it (same run / stream)."""
+    """Runs each request's job (preprocessing, then reading the engine's events and detokenizing) on a thread of
+    its own, at most `limit` at once (the engine's rows + its queue); beyond that a request gets 429 before its body
+    is read. The engine batches the jobs' generations."""
 
-    def __init__(self, max_queue: int = ServeSettings.max_queue):
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vlmcook-generate")
-        self.max_queue, self.waiting, self.cancelled = max_queue, 0, 0  # waiting: queued or running
+    def __init__(self, limit: int):
+        self.pool = ThreadPoolExecutor(max_workers=limit, thread_name_prefix="vlmcook-request")
+        self.limit, self.active, self.cancelled = limit, 0, 0
 
     def admit(self) -> None:
-        if self.waiting > self.max_queue:
-            raise QueueFull(self.max_queue)
-
-    async def run(self, fn: Callable, *args) -> Any:
-        return [x async for x in self.stream(lambda: [fn(*args)])][0]  # fn runs on the worker thread
+        if self.active >= self.limit:
+            raise QueueFull(f"{self.active} requests are in progress (--max-rows + --max-queue)")
 
     async def stream(self, make_iter: Callable[[], Any]) -> AsyncIterator[Any]:
-        """Iterate `make_iter()` on the worker thread, yielding its items here; closing this generator (client
-        gone) stops the worker's loop at the next item."""
+        """Iterate `make_iter()` on a worker thread, yielding its items here; closing this generator (client gone)
+        stops the thread's loop at the next item and closes the iterator (the engine drops its rows)."""
         self.admit()
-        self.waiting += 1
+        self.active += 1
         loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
 
         def put(kind, x):
@@ -376,10 +389,10 @@ class Worker:
                 it = iter(make_iter())
                 try:
                     for item in it:
-                        put("item", item)
                         if stop.is_set():
                             self.cancelled += 1
                             break
+                        put("item", item)
                 finally:
                     getattr(it, "close", lambda: None)()
             except Exception as e:  # handed to the request, which turns it into an HTTP error
@@ -393,54 +406,78 @@ class Worker:
                     raise msg[1]
                 yield msg[1]
         finally:
-            self.waiting -= 1
+            self.active -= 1
             stop.set()
 
 
 # ---- replies ----------------------------------------------------------------------------------------------------
-def _usage(u) -> dict:  # api.Usage -> OpenAI usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.prompt_tokens + u.completion_tokens,
-            "prompt_tokens_details": {"visual_tokens": u.visual_tokens, "cached_tokens": 0}}
+def _usage(usages: list) -> dict:  # api.Usage of each choice -> OpenAI usage (the prompt counted once)
+    prompt, completion = usages[0].prompt_tokens, sum(u.completion_tokens for u in usages)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+            "prompt_tokens_details": {"visual_tokens": usages[0].visual_tokens, "cached_tokens": 0}}
 
 
-def _completion(r, rid: str, created: int, model: str) -> dict:  # api.ChatResult -> chat.completion
+def _completion(results: list, rid: str, created: int, model: str) -> dict:  # api.ChatResults -> chat.completion
     return {"id": rid, "object": "chat.completion", "created": created, "model": model,
-            "choices": [{"index": 0, "logprobs": None, "finish_reason": r.finish_reason,
+            "choices": [{"index": i, "logprobs": None, "finish_reason": r.finish_reason,
                          "message": {"role": "assistant", "content": r.answer,
-                                     "reasoning_content": r.reasoning or None}}],
-            "usage": _usage(r.usage), "timings": vars(r.timings)}
+                                     "reasoning_content": r.reasoning or None}}
+                        for i, r in enumerate(results)],
+            "usage": _usage([r.usage for r in results]), "timings": vars(results[0].timings)}
+
+
+async def _results(request: Request, chunks: AsyncIterator) -> list | None:
+    """The final ChatResult of each choice, in order; None when the client goes away first (the generation is then
+    closed: its rows leave the engine's batch at the next step)."""
+    async def collect():
+        return {c.index: c.result async for c in chunks if c.result is not None}
+
+    async def gone():  # the body is read: the next ASGI message is the disconnect
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    done, watch = asyncio.ensure_future(collect()), asyncio.ensure_future(gone())
+    await asyncio.wait({done, watch}, return_when=asyncio.FIRST_COMPLETED)
+    watch.cancel()
+    if not done.done():
+        done.cancel()
+        await asyncio.gather(done, return_exceptions=True)
+        return None
+    results = done.result()
+    return [results[i] for i in sorted(results)]
 
 
 def _sse(obj: Any) -> bytes:
     return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
 
 
-async def _sse_stream(first: Any, chunks: AsyncIterator, include_usage: bool, error: Callable, rid: str,
+async def _sse_stream(first: Any, chunks: AsyncIterator, n: int, include_usage: bool, error: Callable, rid: str,
                       created: int, model: str) -> AsyncIterator[bytes]:
     """ChatChunks -> chat.completion.chunk events whose deltas carry reasoning_content or content (the API split
-    them, tags removed), then the finish chunk, the usage chunk (include_usage) and [DONE]."""
+    them, tags removed), a finish chunk as each choice ends, the usage chunk (include_usage) and [DONE]."""
     def event(choice: dict | None, **extra) -> bytes:
         return _sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model,
-                     "choices": [{"index": 0, "logprobs": None, **choice}] if choice else [], **extra})
+                     "choices": [{"logprobs": None, **choice}] if choice else [], **extra})
 
-    yield event({"delta": {"role": "assistant", "content": ""}, "finish_reason": None})
-    finish, usage, item = None, None, first
+    for i in range(n):
+        yield event({"index": i, "delta": {"role": "assistant", "content": ""}, "finish_reason": None})
+    usages, item = {}, first
     try:
         while item is not None:
             delta = {k: v for k, v in (("reasoning_content", item.reasoning), ("content", item.answer)) if v}
             if delta:
-                yield event({"delta": delta, "finish_reason": None})
-            finish, usage = item.finish_reason or finish, item.usage or usage
+                yield event({"index": item.index, "delta": delta, "finish_reason": None})
+            if item.result is not None:
+                usages[item.index] = item.usage
+                yield event({"index": item.index, "delta": {}, "finish_reason": item.finish_reason})
             item = await anext(chunks, None)
     except Exception as e:  # headers are sent: report in-band, as OpenAI-style servers do
         yield _sse(error(e).body()) + _sse(b"[DONE]")
         return
     finally:
         await chunks.aclose()
-    yield event({"delta": {}, "finish_reason": finish or "stop"})
     if include_usage:
-        yield event(None, usage=_usage(usage))
+        yield event(None, usage=_usage([usages[i] for i in sorted(usages)]))
     yield _sse(b"[DONE]")
 
 
@@ -459,9 +496,12 @@ async def _read_body(request: Request, settings: ServeSettings) -> bytes:
 
 
 def create_app(chat_model: Any, settings: ServeSettings | None = None) -> FastAPI:
-    settings = settings or ServeSettings()
-    worker, started = Worker(settings.max_queue), int(time.time())
-    context, max_slice_nums = chat_model.engine.context_length, chat_model.model.config.max_slice_nums
+    settings, engine = settings or ServeSettings(), chat_model.engine
+    names = ("max_rows", "max_queue", "max_kv_tokens")
+    engine.limits = limits = replace(engine.limits, **{k: getattr(settings, k) for k in names
+                                                       if getattr(settings, k) is not None})
+    worker, started = Worker(limits.max_rows + limits.max_queue), int(time.time())
+    context, max_slice_nums = engine.context_length, chat_model.model.config.max_slice_nums
 
     @asynccontextmanager
     async def lifespan(app):
@@ -482,8 +522,8 @@ def create_app(chat_model: Any, settings: ServeSettings | None = None) -> FastAP
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_name, "waiting": worker.waiting,
-                "cancelled_streams": worker.cancelled}
+        return {"status": "ok", "model": settings.model_name, "requests": worker.active, **engine.load(),
+                "cancelled_requests": worker.cancelled, "limits": {k: getattr(limits, k) for k in names}}
 
     @app.get("/v1/models")
     async def models():
@@ -492,7 +532,7 @@ def create_app(chat_model: Any, settings: ServeSettings | None = None) -> FastAP
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        worker.admit()  # a full queue refuses before the body is read
+        worker.admit()  # a busy server refuses before the body is read
         try:
             req = ChatRequest.model_validate_json(await _read_body(request, settings))
         except ValidationError as e:
@@ -500,7 +540,7 @@ def create_app(chat_model: Any, settings: ServeSettings | None = None) -> FastAP
         if req.model is not None and req.model != settings.model_name:
             raise APIError(404, f"model {req.model!r} is not served here; this server serves "
                                 f"{settings.model_name!r} (see /v1/models)", "model", "model_not_found")
-        call = _chat_args(req, settings, max_slice_nums)
+        call = _chat_args(req, settings, max_slice_nums, limits.max_rows)
         messages, paths = _messages(req, settings)
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -508,15 +548,18 @@ def create_app(chat_model: Any, settings: ServeSettings | None = None) -> FastAP
             return _chat_error(e, paths, context, call["max_new_tokens"])
 
         try:
-            if not req.stream:
-                result = await worker.run(lambda: chat_model.chat(messages, stream=False, **call))
-                return _completion(result, rid, created, settings.model_name)
             chunks = worker.stream(lambda: chat_model.chat(messages, stream=True, **call))
+            if not req.stream:
+                results = await _results(request, chunks)
+                if results is None:  # nobody is listening; the status is for the log
+                    return JSONResponse(APIError(499, "the client closed the request").body(), status_code=499)
+                return _completion(results, rid, created, settings.model_name)
             first = await anext(chunks, None)  # chat() raises on bad input before its first chunk: a plain 4xx
         except Exception as e:
             raise error(e) from None
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse_stream(first, chunks, usage, error, rid, created, settings.model_name),
+        return StreamingResponse(_sse_stream(first, chunks, call["n"], usage, error, rid, created,
+                                             settings.model_name),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     return app
