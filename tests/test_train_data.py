@@ -289,3 +289,29 @@ def test_background_batches_equal_in_process_ones():
             a, b = next(here), next(there)
             assert torch.equal(a["input_ids"], b["input_ids"])
             assert torch.equal(a["pixel_values"][0][0], b["pixel_values"][0][0])
+
+
+def test_a_training_video_reaches_the_model_as_at_inference(tok, tmp_path):
+    """A video record through the training path (JSONL -> RecordSource -> pack) and the same video + question
+    through the inference path (processor with a generation prompt) give the same temporal ids, the same pixels and
+    the same prompt ids up to the answer; the labels are exactly the answer and its end token."""
+    from vlmcook.data.chat import IGNORE_INDEX
+
+    src = SynthVideoQA(seed=4, n=2, size=(112, 56), fps=6.0)
+    path = src.write(tmp_path, n=1)
+    rec = json.loads(path.read_text().splitlines()[0])
+    rec["videos"][0].update(fps=4.0, packing=4)
+    path.write_text(json.dumps(rec) + "\n")
+    train = JsonlSource(path, tok, CFG)[0]
+    batch = pack([train], 4096, tok.pad_id)
+    proc = Processor(tok, CFG)
+    video = {"type": "video", "video": str(tmp_path / rec["videos"][0]["path"]), "fps": 4.0, "packing": 4}
+    question = rec["messages"][0]["content"].split("\n", 1)[1]
+    infer = proc([{"role": "user", "content": [video, question]}], thinking=False)
+    assert batch["temporal_ids"][0] == infer["temporal_ids"][0] and len(infer["temporal_ids"][0]) > 1
+    assert all(max(p) - min(p) <= 10 for p in infer["temporal_ids"][0])  # 4 frames of one second per package
+    assert all(torch.equal(a, b) for a, b in zip(batch["pixel_values"][0], infer["pixel_values"][0]))
+    n = infer["input_ids"].shape[1]
+    assert torch.equal(batch["input_ids"][0, :n], infer["input_ids"][0])
+    labels = batch["labels"][0]
+    assert tok.decode(labels[labels != IGNORE_INDEX].tolist()) == rec["messages"][1]["content"] + "<|im_end|>"
