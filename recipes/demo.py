@@ -50,6 +50,9 @@ VIDEO_FPS = 6.0  # rendered rate of the synthetic videos: every sampling rate us
 # every packing an equal visual-token budget: packages = seconds.
 PACKINGS = (1, 2, 3, 4, 6)  # the equal-budget sweep; 1 is 2D (one frame per package)
 EVAL_PACKING = 4  # the headline video QA setting (4 frames per package)
+# The held-out videos' seed offset. Design experiments for the video protocol validated on seed 5000 (and, before
+# this was fixed, on seed 2000); the reported numbers come from videos of this seed, used for nothing else.
+HELD_OUT_VIDEOS = 7000
 
 
 @dataclass(frozen=True)
@@ -194,7 +197,7 @@ def glyph_pool(n: int, seed: int, cfg, tok) -> list[dict]:
 
 
 def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]:
-    """Training pools + held-out sources. Held-out seeds: docs seed+1000, videos seed+2000."""
+    """Training pools + held-out sources. Held-out seeds: docs seed+1000, videos seed+HELD_OUT_VIDEOS."""
     from vlmcook.data.synth_images import SynthImageQA, SynthText
     from vlmcook.data.synth_video import SynthVideoQA
     from vlmcook.train.data import JsonlRecords, RecordSource
@@ -217,7 +220,7 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
                                      root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings),
              "video3d": RecordSource(Edited(video_records, per_second(seed=seed)), tok, cfg,
                                      root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings)}
-    eval_videos = Cached(SynthVideoQA(seed=seed + 2000, n=plan.videos_eval, size=VIEW_SIZE, fps=VIDEO_FPS))
+    eval_videos = Cached(SynthVideoQA(seed=seed + HELD_OUT_VIDEOS, n=plan.videos_eval, size=VIEW_SIZE, fps=VIDEO_FPS))
     held_out = {"docs": docs_eval, "videos": eval_videos,
                 "video_meta": [{"task": s.task, "answer": s.answer} for s in map(videos.scene, range(len(videos)))],
                 "skipped_pages": len(skip_train) + len(skip_eval),

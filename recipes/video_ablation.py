@@ -79,7 +79,7 @@ def main(argv=None) -> int:
     tok = Tokenizer.from_dir(demo / "after_sft")
     trunk = load_model(demo / "after_sft", dtype="float32")
     cfg = trunk.config
-    held = D.Cached(SynthVideoQA(seed=seed0 + 2000, n=plan.videos_eval, size=VIEW_SIZE, fps=D.VIDEO_FPS))
+    held = D.Cached(SynthVideoQA(seed=seed0 + D.HELD_OUT_VIDEOS, n=plan.videos_eval, size=VIEW_SIZE, fps=D.VIDEO_FPS))
     items = {k: video_items(held, range(len(held)), tok, cfg, fps=float(k), packing=k) for k in (1, 4)}
     t0, runs = time.perf_counter(), {}
     for seed in map(int, args.seeds.split(",")):
