@@ -1,21 +1,15 @@
 """Synthetic video QA whose answers need time: a seeded source of small mp4 clips + questions, in the SFT format.
 
 Notable:
-- Pure: `scene(seed, i)` (and so the frames, the mp4 bytes for a given codec, the question and the answer) is a
-  function of (seed, i) only; `random.Random` seeded by a string is stable across processes and Python runs.
-- Four tasks, each with a one-word answer so accuracy is exact, none answerable from a single frame:
-  * "order":   three coloured discs appear one after another (never together); which colour came first / second /
-               last?
-  * "count":   a disc of one colour flashes k = 1..5 times at random places and times in a 9.5-10.5 s video (the
-               length never tells k, as it did when videos ended after the last flash); how many times?
-  * "motion":  a square crosses the frame left / right / up / down (a static disc of another colour is a
-               distractor); which direction did it move?
+- Pure: `scene(seed, i)` (frames, mp4 bytes for a codec, question, answer, `caption`) is a function of (seed, i).
+- Four tasks, one-word answers (exact accuracy), none answerable from a single frame or from the video's length:
+  * "order":   three coloured discs appear one after another (never together); which came first / second / last?
+  * "count":   a disc flashes k = 1..5 times at random places and times in a 9.5-10.5 s video; how many times?
+  * "motion":  a square crosses the frame left / right / up / down (a static disc of another colour distracts)
   * "at_time": a central square changes colour every second; what colour is it at k.5 seconds?
-- Events last >= 0.8 s and gaps >= 0.6 s, so sampling at >= 2 fps (the record's `sample_fps`, default 4) sees every
-  appearance and every gap. Colours are saturated and far apart, so they survive yuv420p / mpeg4 compression
-  (tests decode the mp4 and recover each answer from the pixels).
-- Frames are Pillow drawings at `size` (default 112x112, even sides for yuv420p), written with PyAV at `fps`
-  (default 10) using libx264 (mpeg4 if the build lacks it).
+- Events last >= 0.8 s and gaps >= 0.6 s, so >= 2 frames a second see every appearance and gap; colours are
+  saturated and far apart, so they survive yuv420p compression (tests recover each answer from decoded pixels).
+- Frames are Pillow drawings at `size` (even sides), written with PyAV at `fps` (libx264, else mpeg4).
 """
 
 from __future__ import annotations

@@ -12,13 +12,9 @@ Notable:
   names a step without them.
 - RL tokens = every completion token sampled (dropped groups included): what the paper's "RL training tokens"
   compare between hybrid and long-only runs.
-- torchrun: each rank rolls out its share of the prompts; the policy forward goes through DDP (ContinuationScorer
-  is the wrapped module) and each mini-batch's loss is divided by the *global* token count of that mini-batch,
-  so DDP's gradient average equals the single-process token-mean. Every rank runs the same number of
-  mini-batches (an empty one forwards one row at weight 0); a mini-batch with no loss token on any rank is skipped
-  (no optimizer step: AdamW's momentum would move the weights on a zero gradient).
-- Logged per step: reward components, accuracy and mean response length per mode, fraction of groups dropped,
-  RL tokens, the counted reward issues, loss / clip fraction.
+- torchrun: each rank rolls out its share; each mini-batch's loss is divided by its *global* token count, so
+  DDP's gradient average equals the single-process token-mean (every rank runs the same number of mini-batches; one
+  with no loss token anywhere is skipped: AdamW's momentum would move the weights on a zero gradient).
 """
 
 from __future__ import annotations
