@@ -2,6 +2,7 @@
 
     vlmcook data docs (--pdf DIR | --synthetic N | --jsonl FILE) --out DIR [--levels low,medium,high]
                       [--level-weights 0.4,0.3,0.3] [--seed S] [--workers W] ...
+    vlmcook data docs --pdf DIR --out DIR --mode parser     # the parser baseline (parser.py), same SFT format
 
 Writes `DIR/samples.jsonl`, `DIR/images/`, `DIR/summary.json` and `DIR/contact_sheet.png`, prints a summary.
 `python -m vlmcook.data.docs.cli` works too.
@@ -35,6 +36,9 @@ def configure(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     src.add_argument("--synthetic", type=int, metavar="N", help="render N synthetic pages")
     src.add_argument("--jsonl", metavar="FILE", help="image + boxes JSONL (see vlmcook/data/docs/jsonl.py)")
     p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--mode", choices=("corrupt", "parser"), default="corrupt",
+                   help="corrupt: corrupted pages (default); parser: pypdfium2 text + figure crops (needs --pdf; "
+                        "the corruption and task flags do not apply)")
     p.add_argument("--levels", type=_names, default=LEVELS, help="corruption levels to use (default: all three)")
     p.add_argument("--level-weights", type=_floats, default=None,
                    help="one weight per level (default 0.4,0.3,0.3 for all three levels, else equal)")
@@ -108,6 +112,8 @@ def run(args) -> int:
     from vlmcook.data.docs.pipeline import run as run_pipeline
     from vlmcook.data.docs.text import TextSource
 
+    if args.mode == "parser":
+        return _run_parser(args)
     try:
         ccfg, scfg = _configs(args)
         if args.synthetic is not None and args.synthetic < 1:
@@ -123,6 +129,24 @@ def run(args) -> int:
     print_summary(summary, args.out)
     if summary["previews"]:
         print(f"contact sheet: {contact_sheet(summary['previews'], os.path.join(args.out, 'contact_sheet.png'))}")
+    return 0
+
+
+def _run_parser(args) -> int:
+    from vlmcook.data.docs.parser import run as run_parser
+    from vlmcook.data.docs.pdf import PdfConfig
+
+    try:
+        if args.pdf is None:
+            raise ValueError("--mode parser reads PDFs: give --pdf DIR")
+        s = run_parser(args.pdf, args.out, PdfConfig(dpi=args.dpi))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"vlmcook data docs: error: {e}", file=sys.stderr)
+        return 2
+    print(f"pages parsed: {s['pages']} in {s['seconds']} s, figure crops: {s['figures']}, skipped: {len(s['skipped'])}")
+    for sk in s["skipped"]:
+        print(f"  {sk['where']}: {sk['why']}")
+    print(f"output: {args.out}/samples.jsonl, {args.out}/images/, {args.out}/summary.json")
     return 0
 
 
