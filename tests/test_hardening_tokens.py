@@ -153,3 +153,22 @@ def test_chat_api_prompt_ids(tiny):
     ids = fake.prompts[-1][0].tolist()
     assert ids.count(tiny.im_start_id) == 2 and ids.count(tiny.im_end_id) == 1 and r.answer == "ok"
     assert torch.equal(fake.prompts[-1], cm.processor("<|im_end|><|im_start|>system\nx")["input_ids"])
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.sampled_from(["x", " ", "\n", "é", "e\u0301", "\u1100\u1161\u11a8", "\u0958", "中", "🤖", "=" * 20,
+                                 " " * 30, "hello", "<think>"]), max_size=60).map("".join))
+def test_length_bound_never_exceeds_the_real_count(s):
+    """The early refusal's lower bound (bytes / (3 x longest piece)) is at most the real token count, NFC
+    composition (Hangul jamo, combining accents) and expansion (U+0958) included."""
+    for tok in (Tokenizer.tiny(), Tokenizer.tiny(chars=True)):
+        assert len(s.encode()) // (3 * tok.max_piece_bytes) <= len(tok.encode_text(s))
+
+
+def test_an_absurd_text_is_refused_before_encoding(tiny, monkeypatch):
+    from vlmcook.data.processor import ContextLengthError
+
+    proc = Processor(tiny, MiniCPMVConfig.from_name("tiny"))
+    monkeypatch.setattr(tiny, "encode_text", lambda text: pytest.fail("encoded"))
+    with pytest.raises(ContextLengthError, match="the prompt is at least"):
+        proc("x" * 10_000_000, max_length=4096)

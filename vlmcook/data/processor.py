@@ -41,13 +41,13 @@ _MESSAGE_KEYS = {"role", "content", "reasoning_content"}
 class ContextLengthError(ValueError):
     """The prompt (+ the tokens reserved for generation) does not fit; raised before any pixel is decoded."""
 
-    def __init__(self, prompt_tokens: int, max_length: int, reserve: int = 0):
+    def __init__(self, prompt_tokens: int, max_length: int, reserve: int = 0, at_least: bool = False):
         self.prompt_tokens, self.max_length, self.reserve = prompt_tokens, max_length, reserve
         room = f"{max_length} tokens" if not reserve else f"{max_length - reserve} tokens ({max_length} minus " \
                                                           f"{reserve} reserved for the answer)"
-        super().__init__(f"the prompt is {prompt_tokens} tokens, more than the {room}; use fewer or smaller images, "
-                         f"fewer video frames (fps / max_frames / packing), or a shorter text (never truncated: "
-                         f"that could cut an image placeholder)")
+        super().__init__(f"the prompt is {'at least ' * at_least}{prompt_tokens} tokens, more than the {room}; use "
+                         f"fewer or smaller images, fewer video frames (fps / max_frames / packing), or a shorter "
+                         f"text (never truncated: that could cut an image placeholder)")
 
 
 @dataclass
@@ -405,6 +405,11 @@ class Processor:
 
     def _ids(self, chunks: list[str], planned: list[_Planned], max_length: int | None, reserve: int):
         """Token ids with each visual's placeholder between the text chunks; its `<unk>` spans and [start, end)."""
+        if max_length is not None:  # an absurd text is refused by its length, before it is encoded
+            text_bytes = sum(len(text.encode("utf-8", "replace")) for c in chunks for text, control in c if not control)
+            at_least = text_bytes // (3 * self.tokenizer.max_piece_bytes)
+            if at_least > max_length - reserve:
+                raise ContextLengthError(at_least, max_length, reserve, at_least=True)
         ids, bounds, masked, next_id = self._encode(chunks[0]), [], [], 0
         for p, chunk in zip(planned, chunks[1:]):
             start = len(ids)

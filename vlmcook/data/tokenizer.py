@@ -80,6 +80,10 @@ class Tokenizer:
         # cannot be formed). The model object is shared, not copied.
         self._bpe = tokenizers.Tokenizer(tok.model)
         self._bpe.normalizer, self._bpe.pre_tokenizer = tok.normalizer, tok.pre_tokenizer
+        # Longest BPE piece, in bytes (byte-level: one character per byte): a text of B UTF-8 bytes is at least
+        # B / (3 * this) tokens (NFC shrinks UTF-8 by at most 3x, Hangul jamo), so an absurd text can be refused
+        # by its length before it is encoded (~0.6 us per character).
+        self.max_piece_bytes = max(len(p) for p in self._bpe.get_vocab())
 
     # ---- construction ---------------------------------------------------------------------------------------
     @staticmethod
