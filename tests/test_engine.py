@@ -439,6 +439,15 @@ def _hf_filtered(logits, k, p):
     return ref[0]
 
 
+def test_top_k_keeps_ties_at_the_kth_value_as_transformers():
+    logits = torch.tensor([[1.0, 2.0, 2.0, 2.0, 0.0, 2.0], [3.0] * 6, [5.0, 4.0, 4.0, 1.0, 1.0, 1.0]])
+    for k, p in ((2, 1.0), (1, 1.0), (3, 0.9), (4, 1.0)):
+        vals, ids = top_k_top_p(logits, [k] * 3, [p] * 3)
+        ours = torch.full_like(logits, -torch.inf).scatter(1, ids, vals)
+        for b in range(3):
+            assert torch.equal(ours[b], _hf_filtered(logits[b], k, p) - logits[b].max()), (k, p, b)
+
+
 def test_processors_match_transformers():
     from transformers import RepetitionPenaltyLogitsProcessor
 
@@ -453,10 +462,10 @@ def test_processors_match_transformers():
             ref = RepetitionPenaltyLogitsProcessor(pens[b])(torch.tensor([seen[b]]), logits[b:b + 1].clone())[0] \
                 if seen[b] else logits[b]
             assert torch.equal(penalised[b], ref)
-        vals, ids = top_k_top_p(logits, ks, ps)
+        vals, ids = top_k_top_p(logits, ks, ps)  # values shifted by the row's maximum
         ours = torch.full_like(logits, -torch.inf).scatter(1, ids, vals)
         for b in range(len(ks)):
-            assert torch.equal(ours[b], _hf_filtered(logits[b], ks[b], ps[b])), (ks[b], ps[b])
+            assert torch.equal(ours[b], _hf_filtered(logits[b], ks[b], ps[b]) - logits[b].max()), (ks[b], ps[b])
 
 
 MIXED = [SamplingParams(), SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_k=20),

@@ -288,7 +288,7 @@ class Engine:
                 raise QueueFullError(f"{waiting} requests are waiting already (max_queue {self.limits.max_queue})")
             self._queue.extend(groups)
             if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name="vlmcook-engine", daemon=True)
+                self._thread = threading.Thread(target=self._loop, name="vlmcook-engine")  # ends when idle
                 self._thread.start()
         return sub
 
@@ -365,20 +365,22 @@ class Engine:
                     self._rows, self._joining, self._cache = [], [], None
 
     def step(self) -> None:
-        """One iteration: drop cancelled rows, decode the running rows, prefill the arrivals that fit, sample one
-        token for every row, emit it, drop the rows that finished."""
+        """One iteration: drop cancelled rows; prefill the arrivals that fit and emit their first tokens; decode one
+        token for every running row and emit it; finished rows leave, the arrivals join the cache."""
         self._keep([i for i, r in enumerate(self._rows) if not r.sub.cancelled.is_set()], cancelled=True)
-        groups = self._admit()
-        self._joining = [r for g in groups for r in g.rows]
-        logits = []
+        groups, cache = self._admit(), None
+        if groups:  # first, so that waiting for a token is never longer than one prefill behind the running rows
+            self._joining = [r for g in groups for r in g.rows]
+            logits, cache = self._prefill(groups)
+            kept = self._advance(self._joining, logits)
+            self._joining, cache = [self._joining[i] for i in kept], cache.select(kept)
         if self._rows:  # each running row feeds the token it emitted last
             last = torch.tensor([r.tokens[-1] for r in self._rows], device=self.device)
-            logits.append(self.model.decode_step(last, self._cache))  # [R, V]
-        if groups:
-            logits.append(self._prefill(groups))  # [rows of the arrivals, V]
-        self._rows, self._joining = self._rows + self._joining, []
-        if logits:
-            self._advance(torch.cat(logits))
+            self._keep(self._advance(self._rows, self.model.decode_step(last, self._cache)))
+        if self._joining:
+            room = max(r.limit - len(r.tokens) for r in (*self._rows, *self._joining))  # positions still to come
+            self._cache = join_caches(self._cache, cache, room)
+            self._rows, self._joining = self._rows + self._joining, []
 
     def _admit(self) -> list[_Group]:
         """Waiting prompts, first come first served, while the rows and the padded KV window they need fit."""
@@ -411,9 +413,9 @@ class Engine:
         used = self._cache.mask[:, :self._cache.length].any(0)
         return self._cache.length - int(used.int().argmax())
 
-    def _prefill(self, groups: list[_Group]) -> torch.Tensor:
-        """The arrivals' prompts in one left-padded forward (vision included); their KV rows, repeated for their
-        samples, join the cache -> next-token logits [rows, V]."""
+    def _prefill(self, groups: list[_Group]):
+        """The arrivals' prompts in one left-padded forward (vision included) -> next-token logits [rows, V] and
+        their own KVCache, both with each prompt's row repeated for its samples."""
         t0 = time.perf_counter()
         batch = collate([g.sample for g in groups], self.tokenizer.pad_id, "left")
         ids, mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
@@ -422,22 +424,19 @@ class Engine:
         cache = self.model.new_cache(len(groups), ids.shape[1])
         logits = self.model.prefill(embeds, mask, cache)  # [G, V]
         repeat = torch.tensor([i for i, g in enumerate(groups) for _ in g.rows], device=self.device)
-        room = max(r.limit - len(r.tokens) - 1 for r in (*self._rows, *self._joining))
-        self._cache = join_caches(self._cache, cache.select(repeat), room)
         t1 = time.perf_counter()
         for r in self._joining:
             r.prefill_s, r.vision_s, r.decode_t0 = t1 - t0, t_vision, t1
-        return logits[repeat]
+        return logits[repeat], cache.select(repeat)
 
-    def _advance(self, logits: torch.Tensor) -> None:
-        """The next token of every row (forced, or sampled in one call), its events; finished rows leave."""
-        rows = self._rows
+    def _advance(self, rows: list[_Row], logits: torch.Tensor) -> list[int]:
+        """The next token of each row (forced, or sampled in one call) and its events -> the rows still running."""
         forced = [self._forced(r) for r in rows]
         todo = [i for i, f in enumerate(forced) if f is None]
         tokens = list(forced)
         if todo:
-            picked = sample(logits[todo], [rows[i].params for i in todo], [rows[i].tokens for i in todo],
-                            [rows[i].generator for i in todo])
+            picked = sample(logits if len(todo) == len(rows) else logits[todo], [rows[i].params for i in todo],
+                            [rows[i].tokens for i in todo], [rows[i].generator for i in todo])
             for i, tok in zip(todo, picked):
                 tokens[i] = tok
         keep = []
@@ -454,7 +453,7 @@ class Engine:
                 self._finish(r, "length", None)
                 continue
             keep.append(i)
-        self._keep(keep)
+        return keep
 
     def _forced(self, r: _Row) -> int | None:
         """The think-closing token this row must emit now (its budget is spent), else None (sample)."""
@@ -529,34 +528,35 @@ def join_caches(a, b, room: int):
 def apply_repetition_penalty(logits: torch.Tensor, seen: Sequence[Sequence[int]],
                              penalty: Sequence[float]) -> torch.Tensor:
     """HF's rule per row of logits [B, V]: each distinct id in seen[b]: logit < 0 -> logit * penalty[b], else
-    logit / penalty[b]."""
-    rows = [b for b in range(len(seen)) if penalty[b] != 1.0 and len(seen[b])]
-    if not rows:
+    logit / penalty[b] (out of place; only the seen columns are read and written)."""
+    width = max(map(len, seen), default=0)
+    if width == 0 or all(p == 1.0 for p in penalty):
         return logits
-    hit = torch.zeros(len(rows), logits.shape[1], dtype=torch.bool, device=logits.device)
-    hit[torch.tensor([i for i, b in enumerate(rows) for _ in seen[b]]),
-        torch.tensor([t for b in rows for t in seen[b]])] = True
-    pen = torch.tensor([penalty[b] for b in rows], dtype=logits.dtype, device=logits.device)[:, None]
-    x = logits[rows]
-    logits = logits.clone()
-    logits[rows] = torch.where(hit, torch.where(x < 0, x * pen, x / pen), x)
-    return logits
+    # [B, width] ids, short rows padded with a repeat of an id (written twice, same value); empty rows: penalty 1
+    idx = torch.tensor([[*s, *[s[0] if s else 0] * (width - len(s))] for s in seen], device=logits.device)
+    pen = torch.tensor([p if s else 1.0 for p, s in zip(penalty, seen)], dtype=logits.dtype,
+                       device=logits.device)[:, None]
+    got = logits.gather(1, idx)
+    return logits.scatter(1, idx, torch.where(got < 0, got * pen, got / pen))
 
 
-def top_k_top_p(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
-    """HF's TopK then TopP warpers per row of logits x [B, V], as candidates: values [B, K] sorted descending (-inf
-    where removed) and their ids [B, K]. K is the largest top-k, or V when a row has top-p alone (a full sort)."""
+def top_k_top_p(x: torch.Tensor, top_k: Sequence[int], top_p: Sequence[float],
+                temperature: Sequence[float] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """HF's Temperature, TopK then TopP warpers per row of logits x [B, V], as candidates: values [B, K] =
+    (logit - max) / temperature, sorted descending, -inf where removed, and their ids [B, K]. K is the largest top-k
+    (+1, to see whether a tie at the k-th value, which HF keeps, runs on), or V when a row has top-p alone."""
     B, V = x.shape
     k = torch.tensor([t if 0 < t < V else V for t in top_k], device=x.device)[:, None]
     K = int(k.max())
-    vals, ids = x.topk(K) if K < V else x.sort(descending=True)
-    kth = vals.gather(1, k.clamp(max=K) - 1)  # [B, 1] the k-th largest value (HF keeps ties with it)
-    if K < V and bool(((vals[:, -1:] == kth) & (kth > -math.inf)).any()):  # ties may go on past K
+    vals, ids = x.topk(K + 1) if K < V else (None, None)
+    if vals is None or bool(((vals[:, K:] == vals.gather(1, k - 1)) & (vals[:, K:] > -math.inf)).any()):
         vals, ids = x.sort(descending=True)
-    vals = vals.masked_fill(vals < kth, -math.inf)
+    temp = torch.tensor(temperature or [1.0] * B, dtype=x.dtype, device=x.device)[:, None]
+    vals = (vals - vals[:, :1]) / temp  # <= 0, finite or -inf for any temperature > 0
+    vals = vals.masked_fill(vals < vals.gather(1, k - 1), -math.inf)
     # HF drops a token when the ascending cumulative probability up to it is <= 1 - p, i.e. when the tokens above it
-    # hold >= p of the mass; the top token always stays. Unnormalised weights: no sum over the row.
-    w = (vals - vals[:, :1]).exp().double()
+    # hold >= p of the mass (the top token always stays); unnormalised weights: no sum over the row.
+    w = vals.exp().double()
     cum = w.cumsum(-1)
     p = torch.tensor(top_p, dtype=torch.float64, device=x.device)[:, None]
     return vals.masked_fill((cum - w >= p * cum[:, -1:]) & (p < 1), -math.inf), ids
@@ -568,24 +568,28 @@ def sample(logits: torch.Tensor, params: Sequence[SamplingParams], seen: Sequenc
     uniform from generators[b] (None on greedy rows). Every operation is per row (maxima, sorts, prefix sums), so a
     row gets the same token alone or in any batch."""
     logits = apply_repetition_penalty(logits.float(), seen, [p.repetition_penalty for p in params])
-    out = logits.argmax(-1)
+    B, V = logits.shape
     hot = [b for b, p in enumerate(params) if p.temperature > 0]
+    out = logits.argmax(-1) if len(hot) < B else torch.empty(B, dtype=torch.long, device=logits.device)
     if not hot:
         return out.tolist()
-    V = logits.shape[1]
-    temp = torch.tensor([params[b].temperature for b in hot], device=logits.device)[:, None]
-    x = logits[hot]
-    x = (x - x.amax(-1, keepdim=True)) / temp  # <= 0, finite or -inf for any temperature > 0
     u = torch.tensor([float(torch.rand((), generator=generators[b], dtype=torch.float64)) for b in hot],
                      dtype=torch.float64, device=logits.device)
-    filtered = torch.tensor([0 < params[b].top_k < V or params[b].top_p < 1 for b in hot], device=logits.device)
+    filtered = [0 < params[b].top_k < V or params[b].top_p < 1 for b in hot]
     picked = torch.empty(len(hot), dtype=torch.long, device=logits.device)
-    if not filtered.all():  # the whole vocabulary, in id order
-        picked[~filtered] = _draw(x[~filtered].exp(), u[~filtered])
-    if filtered.any():  # the candidates, in descending order
-        f = filtered.nonzero().flatten().tolist()
-        vals, ids = top_k_top_p(x[f], [params[hot[i]].top_k for i in f], [params[hot[i]].top_p for i in f])
-        picked[f] = ids.gather(1, _draw(vals.exp(), u[f])[:, None])[:, 0]
+    for want in (False, True):
+        i = [j for j, f in enumerate(filtered) if f == want]
+        if not i:
+            continue
+        rows = [hot[j] for j in i]
+        x = logits if len(rows) == B else logits[rows]
+        temp = [params[b].temperature for b in rows]
+        if want:  # the candidates, in descending order
+            vals, ids = top_k_top_p(x, [params[b].top_k for b in rows], [params[b].top_p for b in rows], temp)
+            picked[i] = ids.gather(1, _draw(vals.exp(), u[i])[:, None])[:, 0]
+        else:  # the whole vocabulary, in id order
+            t = torch.tensor(temp, dtype=x.dtype, device=x.device)[:, None]
+            picked[i] = _draw(((x - x.amax(-1, keepdim=True)) / t).exp(), u[i])
     out[hot] = picked
     return out.tolist()
 

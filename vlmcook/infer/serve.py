@@ -371,12 +371,13 @@ class Worker:
         if self.active >= self.limit:
             raise QueueFull(f"{self.active} requests are in progress (--max-rows + --max-queue)")
 
-    async def stream(self, make_iter: Callable[[], Any]) -> AsyncIterator[Any]:
-        """Iterate `make_iter()` on a worker thread, yielding its items here; closing this generator (client gone)
-        stops the thread's loop at the next item and closes the iterator (the engine drops its rows)."""
+    async def stream(self, make_iter: Callable[[], Any], stop: threading.Event | None = None) -> AsyncIterator[Any]:
+        """Iterate `make_iter()` on a worker thread, yielding its items here. Closing this generator, or setting
+        `stop` (client gone; a cancelled task cannot await the close), stops the thread's loop at the next item and
+        closes the iterator: the engine drops its rows."""
         self.admit()
         self.active += 1
-        loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        loop, queue, stop = asyncio.get_running_loop(), asyncio.Queue(), stop or threading.Event()
 
         def put(kind, x):
             try:
@@ -426,7 +427,7 @@ def _completion(results: list, rid: str, created: int, model: str) -> dict:  # a
             "usage": _usage([r.usage for r in results]), "timings": vars(results[0].timings)}
 
 
-async def _results(request: Request, chunks: AsyncIterator) -> list | None:
+async def _results(request: Request, chunks: AsyncIterator, stop: threading.Event) -> list | None:
     """The final ChatResult of each choice, in order; None when the client goes away first (the generation is then
     closed: its rows leave the engine's batch at the next step)."""
     async def collect():
@@ -440,6 +441,7 @@ async def _results(request: Request, chunks: AsyncIterator) -> list | None:
     await asyncio.wait({done, watch}, return_when=asyncio.FIRST_COMPLETED)
     watch.cancel()
     if not done.done():
+        stop.set()
         done.cancel()
         await asyncio.gather(done, return_exceptions=True)
         return None
@@ -451,8 +453,8 @@ def _sse(obj: Any) -> bytes:
     return b"data: " + (obj if isinstance(obj, bytes) else json.dumps(obj).encode()) + b"\n\n"
 
 
-async def _sse_stream(first: Any, chunks: AsyncIterator, n: int, include_usage: bool, error: Callable, rid: str,
-                      created: int, model: str) -> AsyncIterator[bytes]:
+async def _sse_stream(first: Any, chunks: AsyncIterator, stop: threading.Event, n: int, include_usage: bool,
+                      error: Callable, rid: str, created: int, model: str) -> AsyncIterator[bytes]:
     """ChatChunks -> chat.completion.chunk events whose deltas carry reasoning_content or content (the API split
     them, tags removed), a finish chunk as each choice ends, the usage chunk (include_usage) and [DONE]."""
     def event(choice: dict | None, **extra) -> bytes:
@@ -475,6 +477,7 @@ async def _sse_stream(first: Any, chunks: AsyncIterator, n: int, include_usage: 
         yield _sse(error(e).body()) + _sse(b"[DONE]")
         return
     finally:
+        stop.set()  # first: when the client is gone this task is cancelled, and the await below is cancelled too
         await chunks.aclose()
     if include_usage:
         yield event(None, usage=_usage([usages[i] for i in sorted(usages)]))
@@ -548,9 +551,10 @@ def create_app(chat_model: Any, settings: ServeSettings | None = None) -> FastAP
             return _chat_error(e, paths, context, call["max_new_tokens"])
 
         try:
-            chunks = worker.stream(lambda: chat_model.chat(messages, stream=True, **call))
+            stop = threading.Event()
+            chunks = worker.stream(lambda: chat_model.chat(messages, stream=True, **call), stop)
             if not req.stream:
-                results = await _results(request, chunks)
+                results = await _results(request, chunks, stop)
                 if results is None:  # nobody is listening; the status is for the log
                     return JSONResponse(APIError(499, "the client closed the request").body(), status_code=499)
                 return _completion(results, rid, created, settings.model_name)
@@ -558,7 +562,7 @@ def create_app(chat_model: Any, settings: ServeSettings | None = None) -> FastAP
         except Exception as e:
             raise error(e) from None
         usage = bool(req.stream_options and req.stream_options.include_usage)
-        return StreamingResponse(_sse_stream(first, chunks, call["n"], usage, error, rid, created,
+        return StreamingResponse(_sse_stream(first, chunks, stop, call["n"], usage, error, rid, created,
                                              settings.model_name),
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
