@@ -528,7 +528,8 @@ def test_extreme_accepted_values_give_a_token(logits, temperature, penalty):
     (dict(temperature=1e-45), "temperature"), (dict(temperature=MIN_TEMPERATURE / 2), "temperature"),
     (dict(repetition_penalty=1e-300), "repetition_penalty"), (dict(repetition_penalty=1e300), "repetition_penalty"),
     (dict(top_p=0), "top_p"), (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"),
-    (dict(repetition_penalty=0), "repetition_penalty"), (dict(seed="x"), "seed"),
+    (dict(repetition_penalty=0), "repetition_penalty"), (dict(seed="x"), "seed"), (dict(seed=2**80), "seed"),
+    (dict(seed=-1), "seed"),
     (dict(think_budget=-1), "think_budget"), (dict(stop_ids="abc"), "stop_ids"),
     (dict(stop_ids=[1, -2]), "stop_ids"), (dict(think_end_ids=[]), "think_end_ids"),
 ])
@@ -567,3 +568,20 @@ def test_bad_batches(model, tok, proc):
     with pytest.raises(ValueError, match="num_samples = 0"):
         engine.generate(one, SamplingParams(), num_samples=0)
     assert engine.load() == {"running_rows": 0, "waiting": 0}  # nothing was queued
+
+
+def test_chat_n_is_checked_up_front(model, tok):
+    from vlmcook.infer.api import ChatModel
+
+    chat = ChatModel(model, tok)
+    chat.engine.limits = Limits(max_rows=4, max_queue=4, max_kv_tokens=10**6)
+    for n in (0, 2.5, True, "2"):
+        with pytest.raises(ValueError, match="n must be an int >= 1"):
+            chat.chat("Hi", n=n, stream=True)  # before any chunk
+    t0 = time.perf_counter()
+    with pytest.raises(WontFitError, match="1000000 samples of one prompt need 1000000 rows"):
+        chat.chat("Hi", n=10**6)
+    assert time.perf_counter() - t0 < 1  # refused before any per-sample work
+    results = chat.chat("Hi", n=3, seed=2, temperature=1.0, max_new_tokens=6)
+    assert [r.token_ids for r in results] == [chat.chat("Hi", seed=2 + s, temperature=1.0, max_new_tokens=6).token_ids
+                                              for s in range(3)]

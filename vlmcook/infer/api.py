@@ -170,6 +170,8 @@ class ChatModel:
         carries the ChatResult; bad input raises here, before any chunk. n > 1: n samples from one prefill (a seed
         gives sample s the seed + s), a list of n ChatResults, or chunks of all of them told apart by `index`."""
         t0 = time.perf_counter()
+        if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+            raise ValueError(f"n must be an int >= 1, got {n!r}")
         sample, params = self._prepare(messages, images, thinking, max_new_tokens, temperature, top_p, top_k,
                                        repetition_penalty, seed, think_budget, fps, max_frames, packing,
                                        max_visual_tokens, max_slice_nums)
@@ -228,11 +230,10 @@ class ChatModel:
 
     def _stream(self, sample: dict, params: SamplingParams, thinking: bool, prep_s: float,
                 n: int = 1) -> Iterator[ChatChunk]:
-        detoks = [_Detokenizer(self.tokenizer) for _ in range(n)]
-        sent = [["", ""] for _ in range(n)]  # reasoning / answer sent so far, per sample
+        detoks, sent = {}, {}  # per sample: its detokenizer, the reasoning / answer sent so far
         for ev in self.engine.stream(collate([sample], self.tokenizer.pad_id, "left"), params, num_samples=n):
-            i, detok = ev.row, detoks[ev.row]
-            sent_r, sent_a = sent[i]
+            i, detok = ev.row, detoks.setdefault(ev.row, _Detokenizer(self.tokenizer))
+            sent_r, sent_a = sent.get(i, ("", ""))
             if ev.generation is not None:
                 res = self._result(ev.generation, thinking, prep_s, sample.get("count"))
                 # The rest: bytes still pending, held-back tags / newlines (the prefix property is tested).
@@ -244,7 +245,7 @@ class ChatModel:
                 continue
             r, a, open_block = stable_split(detok.text, thinking)
             dr, da = r[len(sent_r):], a[len(sent_a):]
-            sent[i] = [sent_r + dr, sent_a + da]
+            sent[i] = (sent_r + dr, sent_a + da)
             yield ChatChunk(piece, dr, da, open_block, index=i)
 
     def _result(self, g: Generation, thinking: bool, prep_s: float, prompt: TokenCount | None) -> ChatResult:

@@ -67,8 +67,8 @@ class SamplingParams:
             bad("top_k", "must be an int >= 0 (0 = off)")
         if not _is_num(self.repetition_penalty) or not PENALTY_RANGE[0] <= self.repetition_penalty <= PENALTY_RANGE[1]:
             bad("repetition_penalty", f"must be in [{PENALTY_RANGE[0]:g}, {PENALTY_RANGE[1]:g}] (1 = off)")
-        if self.seed is not None and not _is_int(self.seed):
-            bad("seed", "must be an int or None")
+        if self.seed is not None and not (_is_int(self.seed) and 0 <= self.seed < 2**63):
+            bad("seed", "must be an int in [0, 2^63) or None")
         if self.think_budget is not None and (not _is_int(self.think_budget) or self.think_budget < 0):
             bad("think_budget", "must be an int >= 0 or None")
         for name in ("stop_ids", "think_end_ids"):
