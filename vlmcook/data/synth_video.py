@@ -15,6 +15,7 @@ Notable:
 from __future__ import annotations
 
 import io
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,31 @@ def caption(sc: Scene) -> str:
 
 
 CAPTION_PROMPT = "Describe what happens in the video, in order."
+
+
+def timeline(sc: Scene) -> str:
+    """Second by second, what the video shows: "k: <what>" for every second k. order / count: the discs that appear
+    in [k, k+1) ("red disc appears", "-" for none); at_time: the square's colour; motion: the square's third of the
+    frame at k + 0.5 s. The reasoning of a long-mode answer (one line per package of a one-package-per-second
+    video): the answer is then read off the lines (the appearances in order, their number, line k, the thirds)."""
+    lines = []
+    for k in range(math.ceil(sc.duration - 1e-9)):
+        if sc.task == "motion":
+            sq = sc.shapes[0]
+            f = min(1.0, (k + 0.5) / sc.duration)
+            horizontal = sc.facts["direction"] in ("left", "right")
+            x = sq.x0 + f * (sq.x1 - sq.x0) if horizontal else sq.y0 + f * (sq.y1 - sq.y0)
+            third = ("left", "middle", "right") if horizontal else ("top", "middle", "bottom")
+            what = f"{sq.colour} square {third[min(2, int(3 * x))]}"
+        elif sc.task == "at_time":
+            what = sc.facts["colours"][k]
+        else:
+            what = " and ".join(f"{sh.colour} disc appears" for sh in sorted(sc.shapes, key=lambda sh: sh.t0)
+                                if k <= sh.t0 < k + 1) or "-"
+        lines.append(f"{k}: {what}")
+    return "\n".join(lines)
+
+
 _BUILDERS = {"order": _scene_order, "count": _scene_count, "motion": _scene_motion, "at_time": _scene_at_time}
 
 
@@ -197,17 +223,19 @@ class SynthVideoQA:
     videos[0]['path']); `write(folder, n)` writes mp4 files + `data.jsonl`.
 
     `sample_fps` / `packing` go into each record's video entry (how the processor samples and groups frames).
-    `captions=True`: the same videos with a caption target (`caption`) instead of the question."""
+    `captions=True`: the same videos with a caption target (`caption`) instead of the question. `reasoning=True`:
+    the answer comes after a think block holding the `timeline` (the long mode of the hybrid recipe)."""
 
     def __init__(self, seed: int = 0, n: int = 10_000, size: tuple[int, int] = (112, 112), fps: float = 10.0,
                  tasks: tuple[str, ...] = TASKS, sample_fps: float = 4.0, packing: int | None = None,
-                 codec: str | None = None, captions: bool = False):
+                 codec: str | None = None, captions: bool = False, reasoning: bool = False):
         if size[0] % 2 or size[1] % 2:
             raise ValueError(f"size {size}: sides must be even (yuv420p)")
         if sample_fps > fps:
             raise ValueError(f"sample_fps {sample_fps} is above the video's fps {fps}")
         self.seed, self.n, self.size, self.fps, self.tasks = seed, n, tuple(size), fps, tuple(tasks)
         self.sample_fps, self.packing, self.codec, self.captions = sample_fps, packing, codec, captions
+        self.reasoning = reasoning
 
     def __len__(self) -> int:
         return self.n
@@ -224,6 +252,8 @@ class SynthVideoQA:
         if self.packing is not None:
             video["packing"] = self.packing
         q, a = (CAPTION_PROMPT, caption(sc)) if self.captions else (sc.question, sc.answer)
+        if self.reasoning:
+            a = f"<think>\n{timeline(sc)}\n</think>\n\n{a}"
         return {"id": f"video-{self.seed}-{i}", "videos": [video],
                 "messages": [{"role": "user", "content": f"{VIDEO_MARKER}\n{q}"},
                              {"role": "assistant", "content": a}],

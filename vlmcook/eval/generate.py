@@ -10,12 +10,12 @@ from vlmcook.data.processor import collate
 from vlmcook.infer.engine import Engine, SamplingParams
 
 
-def prompt_of(processor, messages: list[dict], images=None) -> dict:
+def prompt_of(processor, messages: list[dict], images=None, thinking: bool = False) -> dict:
     """Processor inputs for everything before the final assistant turn, ending in the generation prompt
-    (thinking=False: the same empty think block the training samples carry)."""
+    (thinking=False: the same empty think block the short-mode training samples carry; True: an open one)."""
     if messages and messages[-1]["role"] == "assistant":
         messages = messages[:-1]
-    return processor(messages, images, thinking=False, add_generation_prompt=True)
+    return processor(messages, images, thinking=thinking, add_generation_prompt=True)
 
 
 @torch.no_grad()

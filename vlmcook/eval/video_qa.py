@@ -5,8 +5,8 @@ Notable:
   answer needs time (order, count, motion direction, colour at second t), so one frame cannot answer it.
 - Baselines that need no model: `chance` (a uniform guess over the task's answer set) and `majority` (always the
   most frequent training answer of the task), so an accuracy can be read against what the question text allows.
-- Equal budget (`packing_sweep`): one package per second of video for every packing k (fps = k), so every k
-  spends the same visual tokens (packages x query_num) on a video and k = 1 (2D) sees k times fewer frames.
+- Equal budget (`packing_sweep`): one package per second of video for every packing k (fps = k), capped at the
+  same packages per video, so every k spends the same visual tokens and k = 1 (2D) sees k times fewer frames.
   Differences are paired on the same questions (`paired_difference`).
 """
 
@@ -34,21 +34,22 @@ class VideoItem:
     task: str
     frames: int  # frames the model sees
     packages: int
+    thinking: bool = False  # long mode: the answer is what follows the think block
 
 
-def video_items(source, indices, tokenizer, config, **knobs) -> list[VideoItem]:
+def video_items(source, indices, tokenizer, config, thinking: bool = False, **knobs) -> list[VideoItem]:
     """Prompts for records `indices` of a SynthVideoQA, with the processor's video knobs (fps, packing,
-    max_visual_tokens, max_frames) overriding the record's."""
+    max_visual_tokens, max_frames) overriding the record's; `thinking`: long-mode prompts."""
     proc = Processor(tokenizer, config)
     items = []
     for i in indices:
         rec = dict(source.record(i))  # a copy: the source may hand out cached records
         rec["videos"] = [{**rec["videos"][0], **{k: v for k, v in knobs.items() if v is not None}}]
         messages, images = record_to_messages(rec, None, rec["id"])
-        prompt = prompt_of(proc, messages, images)
+        prompt = prompt_of(proc, messages, images, thinking=thinking)
         packages = prompt["temporal_ids"][0]
         items.append(VideoItem(rec["id"], prompt, rec["meta"]["answer"], rec["meta"]["task"],
-                               sum(len(p) for p in packages), len(packages)))
+                               sum(len(p) for p in packages), len(packages), thinking))
     return items
 
 
@@ -71,11 +72,16 @@ def baselines(train_meta: list[dict], items: list[VideoItem]) -> dict:
     return {"chance": chance([it.task for it in items]), "majority": sum(hit) / len(items), "per_task": per_task}
 
 
-def eval_video_qa(model, tokenizer, items: list[VideoItem], max_new_tokens: int = 6) -> dict:
-    """-> {"accuracy", "ci95", "per_task": {task: acc}, "n", "mean_frames", "mean_packages", "examples"}."""
+def eval_video_qa(model, tokenizer, items: list[VideoItem], max_new_tokens: int | None = None) -> dict:
+    """-> {"accuracy", "ci95", "per_task": {task: acc}, "n", "mean_frames", "mean_packages", "examples"}. Long-mode
+    items are scored on what follows their think block (no block closed: no answer)."""
+    from vlmcook.infer.api import split_output
+
     if not items:
         raise ValueError("eval_video_qa: no items")
-    preds = greedy(model, tokenizer, [it.prompt for it in items], max_new_tokens)
+    long = any(it.thinking for it in items)
+    texts = greedy(model, tokenizer, [it.prompt for it in items], max_new_tokens or (256 if long else 6))
+    preds = [split_output(t, True)[1] if it.thinking else t for t, it in zip(texts, items)]
     hits = [normalize_answer(p) == normalize_answer(it.answer) for p, it in zip(preds, items)]
     per_task, per_task_ci95 = {}, {}
     for t in TASKS:
@@ -90,16 +96,20 @@ def eval_video_qa(model, tokenizer, items: list[VideoItem], max_new_tokens: int 
             "mean_frames": sum(it.frames for it in items) / len(items),
             "mean_packages": sum(it.packages for it in items) / len(items),
             "examples": [{"task": it.task, "answer": it.answer, "output": p} for it, p in zip(items[:4], preds)],
-            "outputs": preds, "hits": hits, "tasks": [it.task for it in items]}
+            "outputs": texts, "hits": hits, "tasks": [it.task for it in items]}
 
 
 def packing_sweep(model, tokenizer, config, source, indices, packings=(1, 2, 3, 4, 6),
-                  max_new_tokens: int = 6) -> dict:
-    """Video QA at one package per second for each packing k (fps = k): equal visual tokens, k frames per package.
-    -> {k: eval_video_qa result (with per-item `hits`)}."""
-    out = {}
+                  max_new_tokens: int | None = None, thinking: bool = False) -> dict:
+    """Video QA at one package per second for each packing k (fps = k), every k capped at the packages packing 1
+    gets on that video (`max_visual_tokens`: rounding can give k > 1 one package more), so each video costs every k
+    exactly the same visual tokens and k = 1 (2D) sees k times fewer frames. -> {k: eval_video_qa result}."""
+    indices, out = list(indices), {}
+    flat = video_items(source, indices, tokenizer, config, thinking, fps=1.0, packing=1)
     for k in packings:
-        items = video_items(source, indices, tokenizer, config, fps=float(k), packing=k)
+        items = flat if k == 1 else [
+            video_items(source, [i], tokenizer, config, thinking, fps=float(k), packing=k,
+                        max_visual_tokens=it.packages * config.query_num)[0] for i, it in zip(indices, flat)]
         out[k] = eval_video_qa(model, tokenizer, items, max_new_tokens)
         out[k]["packing"] = k
     return out
