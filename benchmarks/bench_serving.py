@@ -1,16 +1,18 @@
 """Serving throughput over real HTTP, and RL rollout time, on a random model with the released 151,748-id vocabulary.
 
-    .venv/bin/python benchmarks/bench_serving.py [--clients 1 4 16] [--tokens 32] [--threads 2] [--before 902d603]
+    .venv/bin/python benchmarks/bench_serving.py [--clients 1 4 16] [--tokens 32] [--threads 1] [--before 902d603]
 
 Model: the `demo` preset with vocab_size from tests/fixtures/minicpm-v-4_5/config.json, random weights, saved in the
 released layout with the released tokenizer (the real files in ../shared/reference/minicpm-v-4_5 when present, else
 rebuilt from tests/fixtures as tests/conftest.py does). `vlmcook serve` runs it in a subprocess; clients are threads
 here, streaming SSE with httpx.
 Serving: for each N in --clients, N seeded requests (the server's sampling presets, --tokens each) one after another,
-then all N at once: aggregate completion tokens/s, time to first token (first SSE event) p50/p95, whether every
-output equals its one-at-a-time twin. The TTFT bound of issue 15 is 3 x TTFT alone + one prefill of N prompts.
+then all N at once, --rounds times: medians of aggregate completion tokens/s and time to first token (first SSE
+event) p50/p95; whether every output equals its one-at-a-time twin. Bound (issue 15's TTFT target): 3 x TTFT alone
++ one prefill of the N prompts.
 Rollout: G samples of one image prompt (temperature 1, --rl-tokens each): the engine at commit --before (G prefills,
-per-row sampling) vs now (one prefill, batched sampling), in this process; best of --repeat.
+per-row sampling) vs now (one prefill, batched sampling), in this process, best of --repeat; with the demo preset's
+image preprocessing (one 140-px view) and with the release's slicing (448-px views, up to 9 slices + the overview).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def prefill_seconds(model, tok, n: int, repeat: int) -> float:
 
 def bench_serving(folder: Path, model, tok, args) -> None:
     print(f"serving: {args.tokens} tokens per request, server presets + per-request seeds, server on "
-          f"{args.threads} torch thread(s)\n")
+          f"{args.threads} torch thread(s); medians of {args.rounds} round(s)\n")
     print(f"{'clients':>7} {'one at a time tok/s':>20} {'together tok/s':>15} {'ratio':>6} {'TTFT alone p50':>15} "
           f"{'TTFT p50':>9} {'TTFT p95':>9} {'bound':>7} {'same outputs':>13}")
     proc, url = start_server(folder, args.threads)
@@ -144,12 +146,14 @@ def bench_serving(folder: Path, model, tok, args) -> None:
     try:
         run_clients(client, list(range(max(args.clients))), 2, together=True)  # warm-up, opens the connections
         for n in args.clients:
-            ids = list(range(n))
-            alone = run_clients(client, ids, args.tokens, together=False)
-            together = run_clients(client, ids, args.tokens, together=True)
-            (tps_a, ttft_a, _), (tps_t, p50, p95) = summary(alone), summary(together)
+            ids, rounds, same = list(range(n)), [], True
+            for _ in range(args.rounds):  # alternating, so that a change in the machine's load hits both
+                alone = run_clients(client, ids, args.tokens, together=False)
+                together = run_clients(client, ids, args.tokens, together=True)
+                rounds.append((*summary(alone), *summary(together)))
+                same &= all(a["text"] == t["text"] for a, t in zip(alone, together))
+            tps_a, ttft_a, _, tps_t, p50, p95 = (statistics.median(x) for x in zip(*rounds))
             bound = 3 * ttft_a + prefill_seconds(model, tok, n, args.repeat)
-            same = all(a["text"] == t["text"] for a, t in zip(alone, together))
             print(f"{n:>7} {tps_a:>20.1f} {tps_t:>15.1f} {tps_t / tps_a:>6.2f} {ttft_a:>15.3f} {p50:>9.3f} "
                   f"{p95:>9.3f} {bound:>7.3f} {str(same):>13}", flush=True)
     finally:
@@ -169,57 +173,61 @@ def engine_at(rev: str) -> type:
     return module
 
 
+# (what, side of the square image, preprocessing fields of the config: not weights)
+ROLLOUT_CASES = [("the demo preset's preprocessing", 448, {}),
+                 ("the release's slicing", 1344, {"scale_resolution": 448, "max_slice_nums": 9})]
+
+
 def bench_rollout(model, tok, args) -> None:
-    rng = np.random.default_rng(0)
-    image = Image.fromarray(rng.integers(0, 256, (args.rl_image, args.rl_image, 3), dtype=np.uint8))
-    task = Task("img", [{"role": "user", "content": [{"type": "image", "image": image}, "What is shown? Think."]}],
-                "x", "none")
-    proc = Processor(tok, model.config)
     old = engine_at(args.before)
     G = args.group
+    print(f"\nRL rollout: G = {G} samples of one image prompt, {args.rl_tokens} new tokens each, temperature 1; "
+          f"best of {args.repeat}")
+    print(f"{'image':<40} {'prompt':>20} {'before (' + args.before + ')':>17} {'now':>8} {'speed-up':>9}")
+    for what, side, fields in ROLLOUT_CASES:
+        image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (side, side, 3), dtype=np.uint8))
+        task = Task("img", [{"role": "user", "content": [{"type": "image", "image": image}, "What is shown?"]}],
+                    "x", "none")
+        proc = Processor(tok, dataclasses.replace(model.config, **fields))
 
-    def before():
-        group = make_groups([task], [True], proc)[0]
-        engine = old.Engine(model, tok)
-        params = [old.SamplingParams(max_new_tokens=args.rl_tokens, temperature=1.0, seed=g, stop_ids=())
-                  for g in range(G)]
-        return engine.generate(collate([group.prompt] * G, tok.pad_id, "left"), params)  # the old rollout's call
+        def before():  # the old rollout's call: the prompt repeated G times, G prefills, per-row sampling
+            group = make_groups([task], [True], proc)[0]
+            params = [old.SamplingParams(max_new_tokens=args.rl_tokens, temperature=1.0, seed=g, stop_ids=())
+                      for g in range(G)]
+            return old.Engine(model, tok).generate(collate([group.prompt] * G, tok.pad_id, "left"), params)
 
-    def after():
-        group = make_groups([task], [True], proc)[0]
-        rollout(Engine(model, tok), [group], G, args.rl_tokens, seed=0)
-        return group.completions
+        def now():
+            group = make_groups([task], [True], proc)[0]
+            rollout(Engine(model, tok), [group], G, args.rl_tokens, seed=0)
+            return group.completions
 
-    prompt = make_groups([task], [True], proc)[0].prompt
-    print(f"\nRL rollout: G = {G} samples of one {args.rl_image}x{args.rl_image} image prompt "
-          f"({prompt['input_ids'].shape[1]} tokens, {sum(len(v) for v in prompt['pixel_values'])} view(s)), "
-          f"{args.rl_tokens} new tokens each, temperature 1; best of {args.repeat}")
-    times = {}
-    for name, fn in ((f"before ({args.before}: G prefills, per-row sampling)", before),
-                     ("now (one prefill, batched sampling)", after)):
-        fn()  # warm-up
-        best = float("inf")
-        for _ in range(args.repeat):
-            t0 = time.perf_counter()
-            out = fn()
-            best = min(best, time.perf_counter() - t0)
-        assert all(len(c.token_ids) == args.rl_tokens for c in out)
-        times[name] = best
-        print(f"  {name:<52} {best:7.3f} s")
-    a, b = times.values()
-    print(f"  speed-up {a / b:.2f}x")
+        times = []
+        for fn in (before, now):
+            fn()  # warm-up
+            best = float("inf")
+            for _ in range(args.repeat):
+                t0 = time.perf_counter()
+                out = fn()
+                best = min(best, time.perf_counter() - t0)
+            assert all(len(c.token_ids) == args.rl_tokens for c in out)
+            times.append(best)
+        prompt = make_groups([task], [True], proc)[0].prompt
+        shape = f"{prompt['input_ids'].shape[1]} tok, {len(prompt['pixel_values'][0])} view(s)"
+        print(f"{f'{side}x{side}, {what}':<40} {shape:>20} {times[0]:>15.3f} s {times[1]:>6.3f} s "
+              f"{times[0] / times[1]:>8.2f}x", flush=True)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--tokens", type=int, default=32, help="completion tokens per request (default 32)")
-    ap.add_argument("--threads", type=int, default=2, help="torch threads of the server and of the rollouts")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the server and of the rollouts "
+                    "(default 1: on 2 cores the clients need the other one)")
     ap.add_argument("--repeat", type=int, default=3, help="timed repeats of the rollouts / prefills (best is kept)")
+    ap.add_argument("--rounds", type=int, default=3, help="serving rounds per client count (medians are shown)")
     ap.add_argument("--before", default="902d603", help="git revision of the engine before batching")
     ap.add_argument("--group", type=int, default=8, help="RL samples per prompt, G (default 8)")
     ap.add_argument("--rl-tokens", type=int, default=32, help="new tokens per rollout sample (default 32)")
-    ap.add_argument("--rl-image", type=int, default=448, help="side of the rollout's square image (default 448)")
     ap.add_argument("--skip", choices=["serving", "rollout"], help="leave one part out")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
