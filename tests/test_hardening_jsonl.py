@@ -58,7 +58,8 @@ def _check_sft(raw: bytes) -> None:
         except DataError as e:
             assert sample is None and str(e).startswith(f"{path}:{n}: ") and e.where == f"{path}:{n}"
             continue
-        assert sample is not None and again is not None and sample["input_ids"].shape[1] <= CFG.llm.max_position_embeddings
+        assert sample is not None and again is not None
+        assert sample["input_ids"].shape[1] <= CFG.llm.max_position_embeddings
     assert src.skips.total == sum(src[i] is None for i in range(len(src)))  # drawn again: not counted again
 
 

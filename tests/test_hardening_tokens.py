@@ -156,8 +156,8 @@ def test_chat_api_prompt_ids(tiny):
 
 
 @settings(max_examples=200, deadline=None)
-@given(st.lists(st.sampled_from(["x", " ", "\n", "é", "e\u0301", "\u1100\u1161\u11a8", "\u0958", "中", "🤖", "=" * 20,
-                                 " " * 30, "hello", "<think>"]), max_size=60).map("".join))
+@given(st.lists(st.sampled_from(["x", " ", "\n", "é", "e\u0301", "\u1100\u1161\u11a8", "\u0958", "中", "🤖",
+                                 "=" * 20, " " * 30, "hello", "<think>"]), max_size=60).map("".join))
 def test_length_bound_never_exceeds_the_real_count(s):
     """The early refusal's lower bound (bytes / (3 x longest piece)) is at most the real token count, NFC
     composition (Hangul jamo, combining accents) and expansion (U+0958) included."""

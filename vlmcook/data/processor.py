@@ -42,7 +42,7 @@ class ContextLengthError(ValueError):
     """The prompt (+ the tokens reserved for generation) does not fit; raised before any pixel is decoded."""
 
     def __init__(self, prompt_tokens: int, max_length: int, reserve: int = 0, at_least: bool = False):
-        self.prompt_tokens, self.max_length, self.reserve = prompt_tokens, max_length, reserve
+        self.prompt_tokens, self.max_length, self.reserve, self.at_least = prompt_tokens, max_length, reserve, at_least
         room = f"{max_length} tokens" if not reserve else f"{max_length - reserve} tokens ({max_length} minus " \
                                                           f"{reserve} reserved for the answer)"
         super().__init__(f"the prompt is {'at least ' * at_least}{prompt_tokens} tokens, more than the {room}; use "
@@ -408,7 +408,7 @@ class Processor:
         if max_length is not None:  # an absurd text is refused by its length, before it is encoded
             text_bytes = sum(len(text.encode("utf-8", "replace")) for c in chunks for text, control in c if not control)
             at_least = text_bytes // (3 * self.tokenizer.max_piece_bytes)
-            if at_least > max_length - reserve:
+            if at_least > max_length:  # the text alone cannot fit (the exact count below handles the reserve)
                 raise ContextLengthError(at_least, max_length, reserve, at_least=True)
         ids, bounds, masked, next_id = self._encode(chunks[0]), [], [], 0
         for p, chunk in zip(planned, chunks[1:]):

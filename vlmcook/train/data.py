@@ -109,12 +109,13 @@ MESSAGE_KEYS = ("role", "content", "reasoning_content")
 
 
 def record_to_messages(record: Any, root: Path | None = None, where: str = "record",
-                       keys: Sequence[str] = RECORD_KEYS) -> tuple[list[dict], list]:
+                       keys: Sequence[str] | None = None) -> tuple[list[dict], list]:
     """An SFT record -> (messages, images) for `Processor.__call__`. Raises DataError(reason='bad_record').
-    Unknown keys are refused (a misspelt "image" would otherwise drop the image without a word)."""
+    `keys`: the record's allowed keys, others refused (a misspelt "image" would otherwise drop the image without a
+    word); None: not checked (formats that add their own keys)."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list) or not record["messages"]:
         raise DataError(where, "bad_record", "a record must be an object with a non-empty 'messages' list")
-    unknown = sorted(set(record) - set(keys))
+    unknown = sorted(set(record) - set(keys)) if keys is not None else []
     if unknown:
         raise DataError(where, "bad_record", f"unknown key(s) {unknown} (a record has {', '.join(keys)})")
     images, videos = record.get("images") or [], list(record.get("videos") or [])
@@ -188,7 +189,7 @@ class RecordSource:
 
     def _sample(self, i: int) -> dict:
         record, where = self.records.record(i)
-        messages, images = record_to_messages(record, self.root, where)
+        messages, images = record_to_messages(record, self.root, where, RECORD_KEYS)
         try:
             out = self.processor(messages, images, thinking=self.thinking, add_generation_prompt=False,
                                  max_length=self.max_length)  # checked from headers, before decoding
@@ -329,8 +330,8 @@ class Mixture:
             if sample is not None:
                 return sample
         skips = "; ".join(f"{_name(s)}: {s.skips.summary()}" for s in self.sources if getattr(s, "skips", None))
-        raise DataError(f"mixture position {i}", "all_skipped", f"the mixture's {self.max_attempts} draws were all skipped "
-                                                        f"records ({skips or 'see each source'})")
+        raise DataError(f"mixture position {i}", "all_skipped", f"the mixture's {self.max_attempts} draws were all "
+                                                                f"skipped records ({skips or 'see each source'})")
 
     def iterate(self, start: int = 0, rank: int = 0, world_size: int = 1) -> Iterator[tuple[int, dict]]:
         """Yield (position, sample) for positions start + rank, start + rank + world_size, ... (forever).
