@@ -76,8 +76,8 @@ class PageSpec:
 
 @dataclass(frozen=True)
 class KnowledgeConfig:
-    qa_entities: int = 60  # facts in the documents and in the shared knowledge-QA pool
-    held_entities: int = 60  # facts in the documents only: the held-out knowledge questions
+    qa_entities: int = 40  # facts in the documents and in the shared knowledge-QA pool
+    held_entities: int = 40  # facts in the documents only: the held-out knowledge questions
     repeats: int = 3  # pages each document fact appears on
     docqa_pages: int = 100  # pages of fresh facts for the shared document-QA pool
     eval_pages: int = 40  # held-out pages of fresh facts (document QA, OCR)
