@@ -408,6 +408,18 @@ def test_full_queue_is_refused(model, tok, proc):
     running.close()
 
 
+def test_limits_lowered_while_waiting(model, tok, proc):
+    engine = Engine(Recording(model, delay=0.005), tok, Limits(max_rows=1, max_queue=4, max_kv_tokens=10**6))
+    samples = _requests(proc)
+    running = engine.stream(collate([samples[0]], tok.pad_id), SamplingParams(max_new_tokens=3000, stop_ids=()))
+    next(running)
+    waiting = engine._submit(collate([samples[1]], tok.pad_id), SamplingParams(max_new_tokens=50), 1)
+    engine.limits = Limits(max_rows=1, max_queue=4, max_kv_tokens=20)
+    running.close()
+    error = waiting.events.get(timeout=10)
+    assert isinstance(error, WontFitError) and "lowered since it was queued" in str(error)
+
+
 def test_kv_bytes_and_default_limits():
     # 2 (keys, values) x layers x kv heads x head_dim x bytes, + 1 mask byte; the 8B numbers are the release's config
     tiny, demo, big = (PRESETS[k].llm for k in ("tiny", "demo", "v4_5"))

@@ -1,10 +1,10 @@
 """Generation engine: token ids in, token ids out, for every caller in the process at once (chat formatting: api.py).
 
 Notable:
-- Iteration-level scheduling, the loop in `Engine.step`: decode one token for every running row, prefill the prompts
-  that arrived since (together, images and videos included; n samples of a prompt share one prefill, its KV row
-  repeated), sample every row in one call, drop finished and cancelled rows at once. A background thread runs steps
-  while there is work; `stream` / `generate` from any thread join the same batch.
+- Iteration-level scheduling, the loop in `Engine.step`: prefill the prompts that arrived since (together, images and
+  videos included; n samples of a prompt share one prefill, its KV row repeated) and emit their first tokens, then
+  decode one token for every running row (one sampling call each), drop finished and cancelled rows at once. A
+  background thread runs steps while there is work; `stream` / `generate` from any thread join the same batch.
 - Bounded (`Limits`, defaults from the model and the free memory; docs/reliability.md): running rows, waiting
   submissions (`QueueFullError`) and KV positions; what can never fit is refused up front (`WontFitError`).
 - The KV cache is padded: rows are right-aligned and share the write position, so each row costs the whole window
@@ -253,6 +253,8 @@ class Engine:
         try:
             while left:
                 ev = sub.events.get()
+                if isinstance(ev, WontFitError):  # the limits were lowered while it waited
+                    raise ev
                 if isinstance(ev, BaseException):
                     raise RuntimeError(f"generation failed: {type(ev).__name__}: {ev}") from ev
                 left -= ev.generation is not None
@@ -398,8 +400,9 @@ class Engine:
                 n, T = len(g.rows), g.sample["input_ids"].shape[1]
                 rows2, live2, room2 = rows + n, max(live, T), max(room, max(r.limit for r in g.rows) - 1)
                 if rows2 > lim.max_rows or rows2 * (live2 + room2) > lim.max_kv_tokens:
-                    if rows == 0:  # alone it does not fit either (the limits were lowered after it was queued)
-                        self._queue.popleft().rows[0].sub.events.put(WontFitError(f"over the limits {lim}"))
+                    if rows == 0:  # it does not fit alone either: the limits were lowered after it was queued
+                        error = WontFitError(f"over the engine's limits, lowered since it was queued: {lim}")
+                        self._queue.popleft().rows[0].sub.events.put(error)
                         continue
                     break
                 out.append(self._queue.popleft())
