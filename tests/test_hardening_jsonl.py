@@ -268,3 +268,17 @@ def test_mixture_weights_must_be_finite_numbers(tmp_path, weight):
 def test_jsonl_records_of_a_missing_file():
     with pytest.raises(FileNotFoundError, match="no such JSONL file"):
         JsonlRecords(DIR / "nothing.jsonl")
+
+
+def test_skips_in_a_background_worker_are_printed(tmp_path, capfd):
+    """in_background's DataLoader worker holds its own copy of each source's SkipLog; a skip there is printed."""
+    from vlmcook.train.data import in_background, token_batches
+
+    src, path = _src(tmp_path, [b"{bad", json.dumps(GOOD).encode()])
+    batches = in_background(token_batches(Mixture([(src, 1.0)], seed=0), 64, 64, TOK.pad_id))(0)
+    for _ in range(2):
+        next(batches)
+    del batches
+    err = capfd.readouterr().err
+    assert err.count(f"skipped (data worker): {path}:1: bad_json") == 1
+    assert src.skips.total == 0  # the caller's copy saw nothing: the printed line is the report

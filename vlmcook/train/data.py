@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 import random
+import sys
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -185,6 +186,8 @@ class RecordSource:
             if self.strict:
                 raise
             self.skips.add(e)
+            if torch.utils.data.get_worker_info() is not None:  # this SkipLog is a worker's copy: say it here
+                print(f"skipped (data worker): {e}", file=sys.stderr, flush=True)
             return None
 
     def _sample(self, i: int) -> dict:
@@ -434,7 +437,8 @@ class _Stream(torch.utils.data.IterableDataset):
 def in_background(batches, workers: int = 1):
     """`batches` (position -> iterator of micro-batches) produced by a DataLoader worker process, so decoding and
     processing media overlap the training step on another core. One worker keeps the order (and so the run)
-    exactly the same as in-process; `workers=0` runs in-process."""
+    exactly the same as in-process; `workers=0` runs in-process. Sources' `skips` then count in the worker's copy,
+    which the caller never sees: each skipped record is printed on stderr there instead."""
     def source(position: int) -> Iterator[dict]:
         if workers == 0:
             return batches(position)
