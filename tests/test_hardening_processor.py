@@ -123,21 +123,24 @@ def test_mostly_valid_conversations(conv):
     _check(*conv)
 
 
-# ---- holes found by the suite (in files this suite's author does not own; reported) ----------------------------
-@pytest.mark.xfail(strict=True, raises=ZeroDivisionError, reason="a 0x0 PIL image divides by zero in image_layout")
-def test_hole_a_zero_size_image():
-    PROC([{"role": "user", "content": [Image.new("RGB", (0, 0)), "hi"]}])
+# ---- holes the suite found, fixed -------------------------------------------------------------------------------
+def test_a_zero_size_image_is_refused():
+    with pytest.raises(ValueError, match="message 0 item 0: .*empty image"):
+        PROC([{"role": "user", "content": [Image.new("RGB", (0, 0)), "hi"]}])
 
 
-@pytest.mark.xfail(strict=True, reason="a content part whose 'type' is unhashable raises a bare TypeError "
-                                       "(unhashable type: 'list') that names no message or item")
-def test_hole_an_unhashable_part_type():
+def test_an_unhashable_part_type_is_named():
     with pytest.raises(ValueError, match="message 0 item 0"):
         PROC([{"role": "user", "content": [{"type": ["text"]}]}])
 
 
-@pytest.mark.xfail(strict=True, reason="video knobs of the wrong type (fps '5', packing 2.5) raise TypeErrors from "
-                                       "comparisons that name neither the knob's item nor the knob")
-def test_hole_video_knob_types():
-    with pytest.raises(ValueError, match="message 0 item 0: fps"):
+def test_video_knob_types_are_named():
+    with pytest.raises(ValueError, match="message 0 item 0: fps must be a number"):
         PROC([{"role": "user", "content": [{"type": "video", "video": CLIP, "fps": "5"}]}])
+    with pytest.raises(ValueError, match="message 0 item 0: packing must be an integer"):
+        PROC([{"role": "user", "content": [{"type": "video", "video": CLIP, "packing": 2.5}]}])
+    with pytest.raises(ValueError, match="use_image_id must be true or false"):
+        PROC([{"role": "user", "content": [{"type": "video", "video": CLIP, "use_image_id": "no"}]}])
+    frames = [Image.new("RGB", (28, 28))]
+    with pytest.raises(ValueError, match="temporal ids in"):
+        PROC([{"role": "user", "content": [{"type": "video", "frames": frames, "packages": [[10**30]]}]}])

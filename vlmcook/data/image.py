@@ -57,7 +57,7 @@ def _open(src: Any, name: str) -> Image.Image:
     """Open a file/bytes lazily (header only) and check its pixel count before anything is decoded."""
     if isinstance(src, (str, Path)):
         if not Path(src).is_file():
-            raise ImageError(f"{name}: no such file")
+            raise ImageError(f"{name}: {'a folder, not a file' if Path(src).is_dir() else 'no such file'}")
         fp: Any = str(src)
     else:
         fp = io.BytesIO(bytes(src))
@@ -84,6 +84,8 @@ def image_size(src: Any, name: str | None = None) -> tuple[int, int]:
     applied)."""
     name = name or describe(src)
     if isinstance(src, Image.Image):
+        if 0 in src.size:
+            raise ImageError(f"{name}: an empty image has nothing to show")
         return src.size
     if isinstance(src, np.ndarray):
         return load_image(src, name).size

@@ -36,6 +36,7 @@ VIDEO_KNOBS = ("fps", "max_frames", "packing", "max_visual_tokens")  # how a vid
 _PART_KEYS = {"text": {"type", "text"}, "image": {"type", "image"},
               "video": {"type", "video", "frames", "packages", "max_slice_nums", "use_image_id", *VIDEO_KNOBS}}
 _MESSAGE_KEYS = {"role", "content", "reasoning_content"}
+MAX_TEMPORAL_ID = 10**7  # 0.1 s units: 11 days of video (the released table holds 2 hours and grows on demand)
 
 
 class ContextLengthError(ValueError):
@@ -225,7 +226,7 @@ class Processor:
             visuals.append(_Visual("image", it, where))
             return IMAGE_MARKER
         kind = it.get("type") if isinstance(it, dict) else None
-        if kind not in _PART_KEYS:
+        if not isinstance(kind, str) or kind not in _PART_KEYS:
             raise ValueError(f"{where}: unsupported content item of type {type(it).__name__} (expected a str, a PIL image or "
                              f"{{'type': 'text' | 'image' | 'video', ...}})")
         unknown = set(it) - _PART_KEYS[kind]
@@ -275,7 +276,9 @@ class Processor:
         # item setting > explicit call setting (applied to every image and frame, as released) > README video default
         slices = _positive_int(v.opts.get("max_slice_nums", 1 if call_slices is None else call_slices),
                                f"{v.where}: max_slice_nums")
-        use_id = bool(v.opts.get("use_image_id", False if call_use_id is None else call_use_id))
+        use_id = v.opts.get("use_image_id", False if call_use_id is None else call_use_id)
+        if not isinstance(use_id, bool):
+            raise ValueError(f"{v.where}: use_image_id must be true or false, got {use_id!r}")
         if "packages" in v.opts:
             return self._plan_frames(v, slices, use_id)
         if hasattr(v.src, "frames") and hasattr(v.src, "plan"):  # a VideoClip decoded by the caller
@@ -314,9 +317,10 @@ class Processor:
         if not isinstance(frames, list) or not frames or not isinstance(packages, list):
             raise ValueError(f"{v.where}: 'frames' must be a non-empty list of images and 'packages' a list of "
                              f"temporal-id lists")
-        if any(not isinstance(p, list) or not p or any(not isinstance(t, int) or t < 0 for t in p)
-               for p in packages):
-            raise ValueError(f"{v.where}: packages must be non-empty lists of temporal ids >= 0 (0.1 s units)")
+        if any(not isinstance(p, list) or not p or any(not isinstance(t, int) or isinstance(t, bool) or
+                                                           not 0 <= t < MAX_TEMPORAL_ID for t in p) for p in packages):
+            raise ValueError(f"{v.where}: packages must be non-empty lists of temporal ids in [0, {MAX_TEMPORAL_ID}) "
+                             f"(0.1 s units)")
         if sum(len(p) for p in packages) != len(frames):
             raise ValueError(f"{v.where}: packages hold {sum(len(p) for p in packages)} frames but "
                              f"{len(frames)} frames were given")
@@ -372,7 +376,9 @@ class Processor:
             raise TypeError(f"unknown argument(s) {sorted(unknown)}; video knobs are {VIDEO_KNOBS}")
         slices = self.config.max_slice_nums if max_slice_nums is None else _positive_int(max_slice_nums,
                                                                                           "max_slice_nums")
-        use_id = self.config.use_image_id if use_image_id is None else bool(use_image_id)
+        if use_image_id is not None and not isinstance(use_image_id, bool):
+            raise ValueError(f"use_image_id must be true or false, got {use_image_id!r}")
+        use_id = self.config.use_image_id if use_image_id is None else use_image_id
         msgs, visuals = self._collect(messages, images, videos, knobs)
         chunks = _split_markers(chat.render_pieces(msgs, add_generation_prompt=add_generation_prompt,
                                                    thinking=thinking))

@@ -89,16 +89,24 @@ def decoded_bytes(info: VideoInfo, plan: FramePlan) -> int:
 # planning (pure)
 
 def check_knobs(fps, max_frames, packing, max_visual_tokens, query_num) -> None:
-    if fps is not None and not (0 < fps <= MAX_FPS):
-        raise ValueError(f"fps must be in (0, {MAX_FPS:g}] frames per second, got {fps}")
-    if max_frames is not None and max_frames < 1:
-        raise ValueError(f"max_frames must be >= 1, got {max_frames}")
-    if packing is not None and not (1 <= packing <= MAX_PACKING):
-        raise ValueError(f"packing must be an integer in 1..{MAX_PACKING}, got {packing}")
-    if query_num < 1:
-        raise ValueError(f"query_num must be >= 1, got {query_num}")
-    if max_visual_tokens is not None and max_visual_tokens < query_num:
-        raise ValueError(f"max_visual_tokens={max_visual_tokens} is below one package ({query_num} tokens)")
+    """The sampling knobs' types and ranges (None = the default), checked before any file is touched."""
+    def number(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def integer(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    if fps is not None and not (number(fps) and 0 < fps <= MAX_FPS):
+        raise ValueError(f"fps must be a number in (0, {MAX_FPS:g}] frames per second, got {fps!r}")
+    if max_frames is not None and not (integer(max_frames) and max_frames >= 1):
+        raise ValueError(f"max_frames must be an integer >= 1, got {max_frames!r}")
+    if packing is not None and not (integer(packing) and 1 <= packing <= MAX_PACKING):
+        raise ValueError(f"packing must be an integer in 1..{MAX_PACKING}, got {packing!r}")
+    if not (integer(query_num) and query_num >= 1):
+        raise ValueError(f"query_num must be an integer >= 1, got {query_num!r}")
+    if max_visual_tokens is not None and not (integer(max_visual_tokens) and max_visual_tokens >= query_num):
+        raise ValueError(f"max_visual_tokens must be an integer of at least one package ({query_num} tokens), got "
+                         f"{max_visual_tokens!r}")
 
 
 def temporal_id(index: int, fps: float) -> int:

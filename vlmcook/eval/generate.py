@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import Callable, Sequence
 
 import torch
 
@@ -18,19 +19,30 @@ def prompt_of(processor, messages: list[dict], images=None, thinking: bool = Fal
     return processor(messages, images, thinking=thinking, add_generation_prompt=True)
 
 
+@dataclass(frozen=True)
+class LazyPrompt:
+    """A prompt built only when its batch runs (a video's pixels cost MBs: hundreds held at once cost GBs)."""
+
+    length: int  # its tokens, known from headers (Processor.count_tokens)
+    build: Callable[[], dict]
+
+
 @torch.no_grad()
-def greedy(model, tokenizer, prompts: Sequence[dict], max_new_tokens: int, batch_size: int = 8) -> list[str]:
+def greedy(model, tokenizer, prompts: Sequence[dict | LazyPrompt], max_new_tokens: int, batch_size: int = 8
+           ) -> list[str]:
     """Decode every prompt greedily; prompts of similar length are batched together (less padding)."""
     engine = Engine(model, tokenizer)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
-    order = sorted(range(len(prompts)), key=lambda i: prompts[i]["input_ids"].shape[1])
+    length = [p.length if isinstance(p, LazyPrompt) else p["input_ids"].shape[1] for p in prompts]
+    order = sorted(range(len(prompts)), key=lambda i: length[i])
     out: list[str] = [""] * len(prompts)
     was_training = model.training
     model.eval()
     try:
         for s in range(0, len(order), batch_size):
             idx = order[s:s + batch_size]
-            batch = collate([prompts[i] for i in idx], tokenizer.pad_id, padding_side="left")
+            batch = collate([prompts[i].build() if isinstance(prompts[i], LazyPrompt) else prompts[i] for i in idx],
+                            tokenizer.pad_id, padding_side="left")
             for i, g in zip(idx, engine.generate(batch, params)):
                 out[i] = tokenizer.decode(g.token_ids, skip_special_tokens=True)
     finally:

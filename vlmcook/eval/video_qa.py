@@ -12,13 +12,14 @@ Notable:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import Counter
 from dataclasses import dataclass
 
 from vlmcook.data.processor import Processor
 from vlmcook.data.synth_video import COLOURS, DIRECTIONS, TASKS
-from vlmcook.eval.generate import greedy, prompt_of
+from vlmcook.eval.generate import LazyPrompt, greedy, prompt_of
 from vlmcook.eval.metrics import normalize_answer, wilson_interval
 from vlmcook.train.data import record_to_messages
 
@@ -29,7 +30,7 @@ ANSWER_SETS = {"order": tuple(COLOURS), "count": tuple(str(k) for k in range(1, 
 @dataclass
 class VideoItem:
     id: str
-    prompt: dict
+    prompt: LazyPrompt  # processed when its batch is decoded
     answer: str
     task: str
     frames: int  # frames the model sees
@@ -46,10 +47,10 @@ def video_items(source, indices, tokenizer, config, thinking: bool = False, **kn
         rec = dict(source.record(i))  # a copy: the source may hand out cached records
         rec["videos"] = [{**rec["videos"][0], **{k: v for k, v in knobs.items() if v is not None}}]
         messages, images = record_to_messages(rec, None, rec["id"])
-        prompt = prompt_of(proc, messages, images, thinking=thinking)
-        packages = prompt["temporal_ids"][0]
-        items.append(VideoItem(rec["id"], prompt, rec["meta"]["answer"], rec["meta"]["task"],
-                               sum(len(p) for p in packages), len(packages), thinking))
+        count = proc.count_tokens(messages[:-1], images, thinking=thinking)  # headers only: the video is probed
+        prompt = LazyPrompt(count.total, functools.partial(prompt_of, proc, messages, images, thinking))
+        items.append(VideoItem(rec["id"], prompt, rec["meta"]["answer"], rec["meta"]["task"], count.views,
+                               count.packages, thinking))
     return items
 
 
