@@ -89,7 +89,7 @@ def test_version(capsys):
 @pytest.mark.parametrize("argv, says", [
     (["--fps", "2", "hi"], "--fps: video sampling flags need a --video"),
     (["--packing", "3", "--max-frames", "4", "hi"], "--max-frames, --packing: video sampling flags need a --video"),
-    (["--fps", "nan", "--video", "{img}", "hi"], "--fps must be in (0, 10]"),
+    (["--fps", "nan", "--video", "{img}", "hi"], "--fps must be a number in (0, 10]"),
     (["--packing", "9", "--video", "{img}", "hi"], "--packing must be an integer in 1..6"),
 ])
 def test_video_flags_checked_before_loading(model_dir, capsys, monkeypatch, argv, says, tmp_path):
