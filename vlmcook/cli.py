@@ -239,7 +239,8 @@ def _serve(args) -> int:
                                    if args.allowed_media_dir else None, max_request_mb=args.max_request_mb,
                                    max_media_mb=args.max_media_mb, max_images=args.max_images,
                                    max_videos=args.max_videos, max_frames=args.max_frames,
-                                   max_queue=args.max_queue)  # checks the limits before the slow load
+                                   max_queue=args.max_queue, max_rows=args.max_rows,
+                                   max_kv_tokens=args.max_kv_tokens)  # checks the limits before the slow load
     chat_model = _load_chat_model(args)
     print(f"vlmcook serve: {name} on http://{args.host}:{args.port}/v1 (local media: "
           f"{settings.allowed_media_dir or 'disabled'})", file=sys.stderr)
@@ -350,8 +351,11 @@ def _add_serve_parser(sub) -> None:
     s.add_argument("--max-images", type=int, default=8, help="images per request (default 8)")
     s.add_argument("--max-videos", type=int, default=2, help="videos per request (default 2)")
     s.add_argument("--max-frames", type=int, default=64, help="frames per video (default 64)")
-    s.add_argument("--max-queue", type=int, default=16, help="requests waiting for the model; more get HTTP 429 "
-                                                             "(default 16)")
+    s.add_argument("--max-queue", type=int, help="requests waiting to join the running batch; more get HTTP 429 "
+                                                 "(default: as many as --max-rows)")
+    s.add_argument("--max-rows", type=int, help="rows decoding together (default: one per 1024 KV positions, <= 64)")
+    s.add_argument("--max-kv-tokens", type=int, help="KV-cache positions of all running rows; a request that can "
+                                                     "never fit gets HTTP 400 (default: half the free memory)")
     s.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug", "trace"),
                    help="uvicorn log level (default info)")
     s.set_defaults(fn=_serve)

@@ -24,10 +24,9 @@ import torch
 
 from vlmcook.data.processor import Processor, TokenCount, collate
 from vlmcook.data.tokenizer import Tokenizer
-from vlmcook.infer.engine import Engine, Generation, SamplingParams
+from vlmcook.infer.engine import DEFAULT_MAX_NEW_TOKENS, Engine, Generation, SamplingParams
 
 DEFAULT_MODEL_DIR = Path("runs") / "demo" / "model"  # the main job's checkpoint, relative to the current directory
-DEFAULT_MAX_NEW_TOKENS = 2048
 SAMPLING_PRESETS = {  # docs/reference.md 8.3: the release's sampling presets per mode
     False: dict(temperature=0.7, top_p=0.8, top_k=100, repetition_penalty=1.03),
     True: dict(temperature=0.7, top_p=1.0, top_k=50, repetition_penalty=1.0),

@@ -41,9 +41,12 @@ MIN_TEMPERATURE, PENALTY_RANGE = 1e-4, (1e-3, 1e3)
 MAX_ROWS = 64  # default ceiling of running rows: past it a decode step is compute-bound and only slows every stream
 
 
+DEFAULT_MAX_NEW_TOKENS = 2048  # the release's chat() default; ChatModel cuts it to the context left
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 256
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0  # 1 = off
     top_k: int = 0  # 0 = off
