@@ -65,6 +65,31 @@ def verdict(ci: tuple[float, float]) -> str:
     return "3D better" if ci[0] > 0 else "2D better" if ci[1] < 0 else "no difference shown"
 
 
+def plot(runs: dict, seeds: list[int], path: Path) -> None:
+    """Per task: accuracy of 2d@1, 3d@1 and 3d@4 (bars: mean over seeds; dots: each seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    arms = [k for k in ("2d@1", "3d@1", "3d@4") if all(f"{k}:{s}" in runs for s in seeds)]
+    tasks = sorted(runs[f"{arms[0]}:{seeds[0]}"]["per_task"])
+    fig, ax = plt.subplots(figsize=(8, 3.5))
+    for j, arm in enumerate(arms):
+        xs = [i + (j - 1) * 0.27 for i in range(len(tasks))]
+        per_seed = [[runs[f"{arm}:{s}"]["per_task"][t] for s in seeds] for t in tasks]
+        ax.bar(xs, [sum(v) / len(v) for v in per_seed], width=0.25, label=arm.replace("@", " at ") + " frame(s)/pkg")
+        for x, v in zip(xs, per_seed):
+            ax.scatter([x] * len(v), v, color="k", s=8, zorder=3)
+    ax.set_xticks(range(len(tasks)), tasks)
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"2D-only vs 2D->3D step, equal visual tokens ({len(seeds)} seeds)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--demo", default="runs/demo", help="a finished demo run (its after_sft/ and data/)")
@@ -83,7 +108,11 @@ def main(argv=None) -> int:
     items = {k: video_items(held, range(len(held)), tok, cfg, fps=float(k), packing=k) for k in (1, 4)}
     t0, runs = time.perf_counter(), {}
     for seed in map(int, args.seeds.split(",")):
-        data = pools(demo / "data", tok, cfg, seed)
+        done = out / f"seed-{seed}.json"  # a finished seed is kept: reruns resume, seeds can run in parallel
+        if done.is_file():
+            runs |= json.loads(done.read_text())
+            continue
+        data, mine = pools(demo / "data", tok, cfg, seed), {}
         for arm, step in ARMS.items():
             model = load_model(demo / "after_sft", dtype="float32")
             logs = D.train_recipe(model, data, plan, seed, tok, steps=("video3d",),
@@ -91,11 +120,13 @@ def main(argv=None) -> int:
             for a, k in EVAL:
                 if a == arm:
                     res = eval_video_qa(model, tok, items[k])
-                    runs[f"{arm}@{k}:{seed}"] = {"accuracy": res["accuracy"], "ci95": res["ci95"],
+                    mine[f"{arm}@{k}:{seed}"] = {"accuracy": res["accuracy"], "ci95": res["ci95"],
                                                  "per_task": res["per_task"], "hits": res["hits"],
                                                  "tasks": res["tasks"], "last_loss": logs[-1]["loss"]}
                     print(f"[ablation] seed {seed} {arm} at {k} frame(s)/package: accuracy {res['accuracy']:.3f} "
                           f"{ {t: round(x, 3) for t, x in res['per_task'].items()} }", flush=True)
+        done.write_text(json.dumps(mine))
+        runs |= mine
     seeds = sorted({int(k.split(":")[1]) for k in runs})
     tasks = runs[f"3d@4:{seeds[0]}"]["tasks"]
 
@@ -112,6 +143,7 @@ def main(argv=None) -> int:
                                   "per_task": {t: mean_ci(diffs("3d@4", "2d@1", t)) for t in sorted(set(tasks))}},
               "3d@1_minus_2d@1": mean_ci(diffs("3d@1", "2d@1")), "seconds": time.perf_counter() - t0}
     (out / "video_ablation.json").write_text(json.dumps(result, indent=2))
+    plot(runs, seeds, out / "video_ablation.png")
     p = result["3d@4_minus_2d@1"]
     print(f"\n3D (2D->3D step, 4 frames/package) minus 2D (1 frame/package), equal budget, {len(seeds)} seeds, "
           f"{len(tasks)} questions: {p['diff']:+.3f} (95% CI {p['ci95'][0]:+.3f} to {p['ci95'][1]:+.3f}) -> "

@@ -235,3 +235,11 @@ def test_video_ablation_smoke(tmp_path):
     r = json.loads((tmp_path / "a" / "video_ablation.json").read_text())
     assert r["seeds"] == [0, 1] and set(r["accuracy"]) == {"3d@4", "2d@1", "3d@1"}
     assert r["3d@4_minus_2d@1"]["verdict"] in ("3D better", "2D better", "no difference shown")
+    assert (tmp_path / "a" / "video_ablation.png").stat().st_size > 0
+    # a finished seed is kept: a rerun reuses seed-N.json (no training) and reaches the same numbers
+    (tmp_path / "a" / "video_ablation.json").unlink()
+    stamp = {s: (tmp_path / "a" / f"seed-{s}.json").stat().st_mtime_ns for s in (0, 1)}
+    assert video_ablation.main(["--demo", str(tmp_path / "demo"), "--seeds", "0,1", "--out", str(tmp_path / "a")]) == 0
+    again = json.loads((tmp_path / "a" / "video_ablation.json").read_text())
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in r.items() if k != "seconds"}
+    assert stamp == {s: (tmp_path / "a" / f"seed-{s}.json").stat().st_mtime_ns for s in (0, 1)}
