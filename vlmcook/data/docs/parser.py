@@ -24,7 +24,7 @@ from typing import Iterator
 
 from PIL import Image
 
-from vlmcook.data.docs.pdf import PdfConfig, find_pdfs
+from vlmcook.data.docs.pdf import PdfConfig, find_pdfs, iter_pages
 from vlmcook.data.image import IMAGE_MARKER
 
 PROMPT = "Read the document."
@@ -93,26 +93,7 @@ def parse_page(doc, index: int, name: str, cfg: PdfConfig = PdfConfig(), min_fig
 def iter_parsed(path: str | Path, cfg: PdfConfig = PdfConfig(), name: str | None = None
                 ) -> Iterator[tuple[Parsed | None, tuple[str, str] | None]]:
     """(parsed, None) per usable page and (None, (where, why)) per skipped file or page; never raises on bad files."""
-    import pypdfium2 as pdfium
-
-    path = Path(path)
-    try:
-        doc = pdfium.PdfDocument(str(path))
-    except pdfium.PdfiumError as e:
-        why = "encrypted (password required)" if "password" in str(e).lower() else f"cannot open: {e}"
-        yield None, (str(path), why)
-        return
-    try:
-        if len(doc) == 0:
-            yield None, (str(path), "empty PDF (no pages)")
-        for i in range(len(doc)):
-            try:
-                parsed, why = parse_page(doc, i, name or path.name, cfg)
-            except (pdfium.PdfiumError, ValueError) as e:
-                parsed, why = None, f"unreadable page: {e}"
-            yield (parsed, None) if parsed is not None else (None, (f"{path}#{i + 1}", why))
-    finally:
-        doc.close()
+    return iter_pages(path, parse_page, cfg, name)
 
 
 def record(parsed: Parsed, image_paths: list[str]) -> dict:

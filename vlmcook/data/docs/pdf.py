@@ -200,6 +200,12 @@ def iter_pdf(path: str | Path, cfg: PdfConfig = PdfConfig(), name: str | None = 
     """Yield (page, None) per usable page and (None, (where, why)) per skipped file or page; never raises on bad
     files. Pages are rendered one at a time, so a long PDF never sits in memory. `name` (default: the file name)
     goes into `Page.source`, which keys the page's randomness: pass the path relative to the input folder."""
+    return iter_pages(path, read_page, cfg, name)
+
+
+def iter_pages(path: str | Path, read, cfg: PdfConfig = PdfConfig(), name: str | None = None) -> Iterator:
+    """`read(doc, index, name, cfg) -> (item | None, why)` on every page of one PDF: (item, None) per usable page,
+    (None, (where, why)) per skipped file or page; never raises on bad files."""
     path = Path(path)
     name = name or path.name
     try:
@@ -213,10 +219,10 @@ def iter_pdf(path: str | Path, cfg: PdfConfig = PdfConfig(), name: str | None = 
             yield None, (str(path), "empty PDF (no pages)")
         for i in range(len(doc)):
             try:
-                page, why = read_page(doc, i, name, cfg)
+                item, why = read(doc, i, name, cfg)
             except (pdfium.PdfiumError, ValueError) as e:  # a broken page must not end the file
-                page, why = None, f"unreadable page: {e}"
-            yield (page, None) if page is not None else (None, (f"{path}#{i + 1}", why))
+                item, why = None, f"unreadable page: {e}"
+            yield (item, None) if item is not None else (None, (f"{path}#{i + 1}", why))
     finally:
         doc.close()
 
