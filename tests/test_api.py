@@ -239,3 +239,15 @@ def test_errors(tiny):
     with pytest.raises(ContextLengthError, match=f"more than the {ctx - (ctx - n + 1)} tokens"):
         tiny.chat("Hi", max_new_tokens=ctx - n + 1)  # an explicit budget that does not fit is an error
     assert tiny.chat("Hi", max_new_tokens=ctx - n, temperature=0).usage.prompt_tokens == n
+
+
+def test_max_new_tokens_beyond_the_context_says_so(tiny):
+    """An answer budget the context cannot hold is refused by name (it used to read 'more than the -999995904
+    tokens'); one that fits with a long prompt still gets the exact ContextLengthError."""
+    ctx = tiny.engine.context_length
+    for n in (ctx, 10**9):
+        with pytest.raises(ValueError, match=f"max_new_tokens={n} leaves no room for the prompt: the model's "
+                                             f"context is {ctx} tokens"):
+            tiny.chat("Hi", max_new_tokens=n)
+    with pytest.raises(ContextLengthError, match=f"{ctx - (ctx - 2)} tokens \\({ctx} minus {ctx - 2} reserved"):
+        tiny.chat("Hi there, a prompt longer than two tokens", max_new_tokens=ctx - 2)

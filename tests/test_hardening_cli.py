@@ -210,3 +210,41 @@ def test_a_closed_stdout_pipe_is_not_an_error(model_dir):
     p.stdout.close()  # the reader leaves before the command writes
     err = p.stderr.read()
     assert p.wait(timeout=120) == 141 and err == b""
+
+
+@pytest.mark.parametrize("device, says", [
+    pytest.param("cuda", "no CUDA device here", marks=pytest.mark.skipif(not CPU_ONLY, reason="has CUDA")),
+    ("foo", "'foo' is not a device"),
+    ("meta", "device type 'meta' is not supported"),
+])
+def test_python_api_device_checked_before_loading(model_dir, device, says):
+    """ChatModel.load checks the device as the CLI does: a ValueError naming it, not torch's AssertionError from
+    deep inside the load."""
+    from vlmcook.infer.api import ChatModel
+
+    with pytest.raises(ValueError, match=says):
+        ChatModel.load(model_dir, device=device)
+
+
+def _sft_file(tmp_path) -> str:
+    data = tmp_path / "one.jsonl"
+    data.write_text(json.dumps({"messages": [{"role": "user", "content": "hi"},
+                                             {"role": "assistant", "content": "yo"}]}) + "\n")
+    return str(data)
+
+
+def test_train_out_that_cannot_hold_checkpoints_fails_before_training(tmp_path, capsys):
+    """--out under a file used to train every step and fail at the save (the run lost); now it fails first."""
+    (tmp_path / "a_file").write_text("x")
+    code, out, err = run(["train", "--stage", "sft", "--preset", "tiny", "--data", _sft_file(tmp_path), "--out",
+                          str(tmp_path / "a_file" / "x"), "--steps", "50"], capsys)
+    line = one_line_error(code, err)
+    assert f"out_dir {tmp_path / 'a_file' / 'x'}: cannot create it" in line and "sft:" not in err
+
+
+@pytest.mark.parametrize("flag", ["--pack", "--max-length"])
+def test_train_token_counts_must_be_positive(tmp_path, capsys, flag):
+    """--pack 0 used to mean 'no packing' silently; a count of tokens must be >= 1."""
+    line = one_line_error(*run(["train", "--stage", "sft", "--preset", "tiny", "--data", _sft_file(tmp_path),
+                                "--out", str(tmp_path / "o"), flag, "0"], capsys)[::2])
+    assert f"{flag[2:].replace('-', '_')}=0: must be a number of tokens >= 1" in line

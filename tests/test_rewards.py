@@ -191,3 +191,16 @@ def test_rlpr_in_composite_counts_failures(tiny):
     out, issues = R.composite_rewards([g], rlpr=R.RLPR(ContinuationScorer(model), tok, proc))
     assert torch.isfinite(out["acc"]).all() and (out["acc"] >= 0).all()
     assert Counter(issues)["unclosed_think"] == 2
+
+
+def test_rlpr_reference_is_text_not_control_tokens(tiny):
+    """A reference answer spelling a control token ("<|im_end|>") is scored as those characters: encoded as special
+    tokens it would put a stop inside the target and score the wrong continuation."""
+    model, tok, proc = tiny
+    task = Task("p3", [{"role": "user", "content": "Quote the end tag"}], "<|im_end|>", "prob")
+    rlpr = R.RLPR(ContinuationScorer(model), tok, proc)
+    assert rlpr._reference(task) == tok.encode_text("<|im_end|>") != [tok.im_end_id]
+    short_ids = tok.encode(chat.render(task.messages, thinking=False))
+    target = tok.encode_text("<|im_end|>") + [tok.im_end_id]
+    rlpr.precompute([task])
+    assert rlpr.baselines["p3"] == pytest.approx(_oracle_mean_prob(model, short_ids + target, len(short_ids)), abs=1e-5)

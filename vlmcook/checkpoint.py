@@ -68,6 +68,29 @@ def resolve_dtype(dtype: str | torch.dtype | None, default: str = "float32") -> 
     return DTYPES[name]
 
 
+def resolve_device(spec: str | torch.device | None) -> torch.device:
+    """A device this machine has (default: CUDA when present, else CPU); ValueError naming what is missing (torch's
+    own errors come late, as AssertionError / RuntimeError tracebacks)."""
+    if spec is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{spec!r} is not a device (cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda":
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if n == 0:
+            raise ValueError(f"{spec}: no CUDA device here (torch {torch.__version__}"
+                             f"{' is a CPU-only build' if torch.version.cuda is None else ''}); use cpu")
+        if dev.index is not None and dev.index >= n:
+            raise ValueError(f"{spec}: there are {n} CUDA device(s), cuda:0..cuda:{n - 1}")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"{spec}: MPS is not available on this machine; use cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise ValueError(f"{spec}: device type {dev.type!r} is not supported (cpu, cuda, mps)")
+    return dev
+
+
 # ---- reading ---------------------------------------------------------------------------------------------------
 def member(folder: Path, name, what: str, hint: str = "") -> Path:
     """`folder/name` if it is a regular file of the folder: `name` must be a plain file name, and a symlink may lead

@@ -272,26 +272,13 @@ Images and videos come as data:<type>;base64,... URLs, or as file:///paths / pla
 
 
 def device_flag(spec: str) -> str:
-    """--device, checked against this machine before anything loads (torch's own errors come late and as
-    AssertionError / RuntimeError tracebacks)."""
-    import torch
+    """--device, checked against this machine before anything loads."""
+    from vlmcook.checkpoint import resolve_device
 
     try:
-        dev = torch.device(spec)
-    except RuntimeError:
-        raise argparse.ArgumentTypeError(f"{spec!r} is not a device (cpu, cuda, cuda:N or mps)") from None
-    if dev.type == "cuda":
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if n == 0:
-            raise argparse.ArgumentTypeError(f"{spec}: no CUDA device here (torch {torch.__version__}"
-                                             f"{' is a CPU-only build' if torch.version.cuda is None else ''}); "
-                                             f"use --device cpu")
-        if dev.index is not None and dev.index >= n:
-            raise argparse.ArgumentTypeError(f"{spec}: there are {n} CUDA device(s), cuda:0..cuda:{n - 1}")
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise argparse.ArgumentTypeError(f"{spec}: MPS is not available on this machine; use --device cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise argparse.ArgumentTypeError(f"{spec}: device type {dev.type!r} is not supported (cpu, cuda, mps)")
+        resolve_device(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e).replace("; use cpu", "; use --device cpu")) from None
     return spec
 
 

@@ -141,14 +141,14 @@ class ChatModel:
         """A checkpoint folder in the released layout (default: the main job's `runs/demo/model`, relative to the
         current directory), with its tokenizer (`Tokenizer.for_model`). dtype default: float32 on CPU, bfloat16
         on CUDA; device default: CUDA when present."""
-        from vlmcook.checkpoint import load_model
+        from vlmcook.checkpoint import load_model, resolve_device
 
+        device = resolve_device(device)  # before the slow load
         folder = Path(folder) if folder is not None else DEFAULT_MODEL_DIR
         if not (folder / "config.json").is_file():
             hint = ("run `make demo` (or `vlmcook demo`) first to train it, or pass a model folder"
                     if folder == DEFAULT_MODEL_DIR else "pass a folder holding config.json + safetensors shards")
             raise FileNotFoundError(f"no model checkpoint at {folder}: {hint}")
-        device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype is None:
             dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
         model = load_model(folder, dtype=dtype, device=device)
@@ -220,9 +220,12 @@ class ChatModel:
                                 seed=seed,
                                 think_budget=think_budget, **sampling)  # checks every value
         context = self.engine.context_length
+        if max_new_tokens is not None and max_new_tokens >= context:
+            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt: the model's context is "
+                             f"{context} tokens (prompt + answer)")
         sample = self.processor(messages, images, thinking=thinking, max_slice_nums=max_slice_nums,
-                                max_length=context, reserve=params.max_new_tokens if max_new_tokens else 1, fps=fps, max_frames=max_frames,
-                                packing=packing, max_visual_tokens=max_visual_tokens)
+                                max_length=context, reserve=params.max_new_tokens if max_new_tokens else 1, fps=fps,
+                                max_frames=max_frames, packing=packing, max_visual_tokens=max_visual_tokens)
         if max_new_tokens is None:  # the default is cut to the context left; an explicit value was checked
             params = replace(params, max_new_tokens=min(DEFAULT_MAX_NEW_TOKENS, context - sample["input_ids"].shape[1]))
         return sample, params

@@ -170,7 +170,7 @@ class RLPR:
 
     def _reference(self, task) -> list[int]:
         ref = task.answer if isinstance(task.answer, str) else task.answer[0]
-        return self.tok.encode(ref)
+        return self.tok.encode_text(ref)  # data text: a "<|im_end|>" in a reference is characters, not a stop
 
     @torch.no_grad()
     def _probs(self, prompts: list[dict], prefixes: list[list[int]], targets: list[list[int]]) -> list[float]:

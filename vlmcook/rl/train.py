@@ -281,6 +281,8 @@ def train_rl(cfg: RLConfig, model: nn.Module, tokenizer, tasks: list[Task], dist
     if cfg.kl_coef:  # a frozen copy of the policy this process starts from (after a resume: the resumed weights)
         import copy
         ref = ContinuationScorer(copy.deepcopy(model).requires_grad_(False).to(dist.device))
+    if cfg.out_dir:  # a folder that cannot hold the log and checkpoints fails now, not after a step
+        S.check_out_dir(cfg.out_dir)
     start, st, state = 0, RLState(), None
     folder = S.latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if folder is not None:

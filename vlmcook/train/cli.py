@@ -31,6 +31,12 @@ class Data:
     max_length: int | None = opt(None, "skip samples longer than N tokens (counted in the log)")
     strict: bool = opt(False, "stop at the first bad record instead of skipping it")
 
+    def __post_init__(self):
+        for name in ("pack", "max_length"):
+            v = getattr(self, name)
+            if v is not None and not (isinstance(v, int) and v >= 1):
+                raise ValueError(f"{name}={v!r}: must be a number of tokens >= 1 (or unset)")
+
 
 def _per_stage(name: str) -> str:
     """The shown default of a field that STAGES sets, e.g. 'per stage: pt1/pt2/pt3 5e-05, sft 1e-05'."""

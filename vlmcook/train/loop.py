@@ -151,6 +151,8 @@ def train(cfg: TrainConfig, model: nn.Module, batches: Callable[[int], Iterator[
     `loss_fn(net, batch) -> mean loss` replaces the LM loss (e.g. a component pre-training objective); its batches
     say how many targets they hold in `batch["num_targets"]` (the weight of a micro-batch in its step)."""
     dist = dist or C.setup_distributed()
+    if cfg.out_dir:  # a folder that cannot hold the checkpoints fails now, not after the training
+        S.check_out_dir(cfg.out_dir)
     C.seed_everything(cfg.seed)
     model_config = model.config
     if cfg.lora and not has_lora(model):

@@ -103,6 +103,17 @@ def _merged(tensors: dict[str, torch.Tensor], lora_cfg: dict) -> dict[str, torch
 
 
 # ---- saving ----------------------------------------------------------------------------------------------------
+def check_out_dir(out_dir: str | Path) -> None:
+    """Create `out_dir` or say why it cannot hold checkpoints (called before training, not at the first save)."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OSError(f"out_dir {out}: cannot create it ({e.strerror})") from None
+    if not os.access(out, os.W_OK | os.X_OK):
+        raise PermissionError(f"out_dir {out}: not writable")
+
+
 def save_checkpoint(out_dir: str | Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
                     train_cfg, data_position: int, dist: Dist, model_config, tokenizer=None) -> Path | None:
     """Collective (every rank calls it). `step` = optimizer steps finished. Returns the folder on rank 0."""
