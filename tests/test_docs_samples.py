@@ -78,6 +78,20 @@ def test_jsonl_source_reads_good_lines_and_names_bad_ones(tmp_path):
     assert [w for w, _ in skips] == ["s.jsonl:2", "s.jsonl:3", "s.jsonl:4", "s.jsonl:5"]
     assert "kind 'blurb'" in skips[0][1] and "cannot read image" in skips[1][1]
     assert "outside the 400x120 image" in skips[2][1]
+    # a line that is not UTF-8 is skipped by its number; the lines after it still count; a BOM is accepted
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(good).encode() + b"\n\xff\xfe{\n" + json.dumps(good).encode())
+    out = list(iter_jsonl(path))
+    assert [p is not None for p, _ in out] == [True, False, True] and out[1][1][0] == "s.jsonl:2"
+    assert "utf-8" in out[1][1][1]
+
+
+def test_cli_refuses_non_finite_weights_and_fails_when_nothing_is_written(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["--synthetic", "1", "--out", str(tmp_path / "w"), "--level-weights", "nan,1,1"])
+    assert "--level-weights: 'nan,1,1': expected comma-separated finite numbers" in capsys.readouterr().err
+    (tmp_path / "s.jsonl").write_text('{"image": "missing.png", "regions": []}\n')
+    assert main(["--jsonl", str(tmp_path / "s.jsonl"), "--out", str(tmp_path / "o"), "--quiet"]) == 2
+    assert "no page written (1 inputs skipped, listed above)" in capsys.readouterr().err
 
 
 def _run(tmp_path, name, *extra):

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 
@@ -21,9 +22,12 @@ from vlmcook.data.docs.samples import TASKS, SampleConfig
 
 def _floats(s: str) -> tuple[float, ...]:
     try:
-        return tuple(float(v) for v in s.split(","))
+        values = tuple(float(v) for v in s.split(","))
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated numbers") from None
+        values = ()
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated finite numbers")
+    return values
 
 
 def _names(s: str) -> tuple[str, ...]:
@@ -129,7 +133,7 @@ def run(args) -> int:
     print_summary(summary, args.out)
     if summary["previews"]:
         print(f"contact sheet: {contact_sheet(summary['previews'], os.path.join(args.out, 'contact_sheet.png'))}")
-    return 0
+    return _nothing_written(summary["pages"], summary["skipped"])
 
 
 def _run_parser(args) -> int:
@@ -147,6 +151,15 @@ def _run_parser(args) -> int:
     for sk in s["skipped"]:
         print(f"  {sk['where']}: {sk['why']}")
     print(f"output: {args.out}/samples.jsonl, {args.out}/images/, {args.out}/summary.json")
+    return _nothing_written(s["pages"], s["skipped"])
+
+
+def _nothing_written(pages: int, skipped: list) -> int:
+    """Exit 2 when every input was skipped (a run that wrote no page is a failure a script must see)."""
+    if pages == 0:
+        print(f"vlmcook data docs: error: no page written ({len(skipped)} inputs skipped, listed above)",
+              file=sys.stderr)
+        return 2
     return 0
 
 

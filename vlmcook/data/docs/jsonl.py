@@ -69,12 +69,13 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[Page | None, tuple[str, str] 
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"--jsonl {path}: no such file")
-    with open(path, encoding="utf-8") as f:
-        for n, text in enumerate(f, 1):
-            if not text.strip():
-                continue
+    with open(path, "rb") as f:  # bytes: a line that is not UTF-8 is skipped by its number, not the whole file
+        for n, raw in enumerate(f, 1):
             where = f"{path.name}:{n}"
             try:
+                text = raw.decode("utf-8-sig" if n == 1 else "utf-8")
+                if not text.strip():
+                    continue
                 yield parse_line(text, path.parent, where), None
             except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
                 yield None, (where, str(e))
