@@ -36,12 +36,9 @@ def _recipe(name: str):
 def _demo(args) -> int:
     if args.rl:  # the RL flavour: long-only vs hybrid GRPO on a toy verifiable task (reports/rl.md)
         rl = _recipe("rl_demo")
-        rl.run_rl_demo(out=args.out if args.out != "runs/demo" else "runs/demo_rl", quick=args.quick,
-                       seed=args.seed or 0)
+        rl.run_rl_demo(out=args.out if args.out != "runs/demo" else "runs/demo_rl", quick=args.quick, seed=args.seed)
         return 0
-    demo = _recipe("demo")
-    demo.run(out=args.out, seed=demo.DEFAULT_SEED if args.seed is None else args.seed, quick=args.quick,
-             steps=args.steps)
+    _recipe("demo").run(out=args.out, seed=args.seed, quick=args.quick, steps=args.steps)
     return 0
 
 
@@ -371,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Runs recipes/demo.py: the whole recipe on a 1.3M-parameter model trained from "
                                    "scratch on generated pages and videos, then evaluation and a report with plots.")
     d.add_argument("--out", default="runs/demo", help="output folder (default: runs/demo)")
-    d.add_argument("--seed", type=int, help="random seed (default: the recipe's, 1 for the demo, 0 for --rl)")
+    d.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     d.add_argument("--quick", action="store_true", help="the short plan (a few minutes on 2 cores; a smoke run)")
     d.add_argument("--steps", type=int, default=None, metavar="N",
                    help="optimizer steps of every stage (overrides the plan; for smoke runs)")
