@@ -50,6 +50,15 @@ class Timings:
     vision_s: float = 0.0  # part of prefill_s: vision tower + resampler
 
 
+class AnswerBudgetError(ValueError):
+    """max_new_tokens alone fills the model's context (no prompt could fit)."""
+
+    def __init__(self, max_new_tokens: int, context: int):
+        self.max_new_tokens, self.context = max_new_tokens, context
+        super().__init__(f"max_new_tokens={max_new_tokens} leaves no room for the prompt: the model's context is "
+                         f"{context} tokens (prompt + answer)")
+
+
 @dataclass(frozen=True)
 class ChatResult:
     text: str  # the raw decoded completion (think tags included, the stop token excluded)
@@ -221,8 +230,7 @@ class ChatModel:
                                 think_budget=think_budget, **sampling)  # checks every value
         context = self.engine.context_length
         if max_new_tokens is not None and max_new_tokens >= context:
-            raise ValueError(f"max_new_tokens={max_new_tokens} leaves no room for the prompt: the model's context is "
-                             f"{context} tokens (prompt + answer)")
+            raise AnswerBudgetError(max_new_tokens, context)
         sample = self.processor(messages, images, thinking=thinking, max_slice_nums=max_slice_nums,
                                 max_length=context, reserve=params.max_new_tokens if max_new_tokens else 1, fps=fps,
                                 max_frames=max_frames, packing=packing, max_visual_tokens=max_visual_tokens)

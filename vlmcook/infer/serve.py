@@ -45,6 +45,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from vlmcook.data import video
 from vlmcook.data.processor import ContextLengthError
+from vlmcook.infer.api import AnswerBudgetError
 from vlmcook.infer.engine import MIN_TEMPERATURE, PENALTY_RANGE, QueueFullError, WontFitError
 
 log = logging.getLogger(__name__)
@@ -336,6 +337,10 @@ def _chat_error(e: Exception, paths: dict[str, str], context: int, asked: int | 
         return QueueFull(str(e))
     if isinstance(e, WontFitError):
         return APIError(400, f"this request cannot be served here: {e}", "max_tokens", "kv_cache_exceeded")
+    if isinstance(e, AnswerBudgetError):
+        return APIError(400, f"this model's maximum context length is {e.context} tokens and {e.max_new_tokens} "
+                             f"completion tokens were requested; lower max_tokens", "max_tokens",
+                        "context_length_exceeded")
     if isinstance(e, ContextLengthError):
         asked_text = f" and {asked} completion tokens were requested" if asked else ""
         return APIError(400, f"this model's maximum context length is {context} tokens; the prompt is "
