@@ -5,7 +5,6 @@ import json
 import math
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -64,15 +63,13 @@ def test_demo_smoke_end_to_end(tmp_path):
 
 @pytest.mark.slow
 def test_demo_quick_real(tmp_path):
-    """The real `vlmcook demo --quick`: finishes in about 6 minutes and its "learned" verdicts hold (it does not read:
-    reports/demo_quick.md)."""
-    t = time.perf_counter()
+    """The real `vlmcook demo --quick` (about 6 CPU minutes): its "learned" verdicts hold and it reads its legible
+    pages (reports/demo_quick.md). Its duration is reported by the run itself, not asserted here."""
     subprocess.run([sys.executable, "-m", "vlmcook.cli", "demo", "--quick", "--out", str(tmp_path)], check=True)
-    wall = time.perf_counter() - t
     from recipes.demo import PLANS
     _, r = _check_outputs(tmp_path, PLANS["quick"].name, PLANS["quick"].steps)
-    assert wall < 420, f"quick demo took {wall:.0f} s"
-    assert r["verdict"]["ocr"]["learned"] and r["verdict"]["video"]["learned"], r["verdict"]
+    v = r["verdict"]
+    assert v["ocr"]["learned"] and v["ocr"]["reads"] and v["video"]["learned"], v
 
 
 # ---- the demo's from-scratch pieces: grid pages and positional resampler queries ---------------------------------
