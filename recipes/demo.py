@@ -101,7 +101,7 @@ PLANS = {
     "quick": Plan("demo_quick", {"lm": 600, "vision": 200, "pt1": 10, "pt2": 10, "pt3": 350, "sft": 100,
                                  "video3d": 100}, docs_train=1500, docs_eval=40, images=100, texts=60,
                   videos_train=300, videos_eval=100),
-    "full": Plan("demo", {"lm": 800, "vision": 300, "pt1": 100, "pt2": 100, "pt3": 900, "sft": 700, "video3d": 900},
+    "full": Plan("demo", {"lm": 800, "vision": 300, "pt1": 100, "pt2": 100, "pt3": 900, "sft": 700, "video3d": 1800},
                  docs_train=4000, docs_eval=100, images=300, texts=150, videos_train=1500, videos_eval=400),
 }
 
