@@ -276,9 +276,8 @@ class Processor:
         # item setting > explicit call setting (applied to every image and frame, as released) > README video default
         slices = _positive_int(v.opts.get("max_slice_nums", 1 if call_slices is None else call_slices),
                                f"{v.where}: max_slice_nums")
-        use_id = v.opts.get("use_image_id", False if call_use_id is None else call_use_id)
-        if not isinstance(use_id, bool):
-            raise ValueError(f"{v.where}: use_image_id must be true or false, got {use_id!r}")
+        use_id = _flag(v.opts.get("use_image_id", False if call_use_id is None else call_use_id),
+                       f"{v.where}: use_image_id")
         if "packages" in v.opts:
             return self._plan_frames(v, slices, use_id)
         if hasattr(v.src, "frames") and hasattr(v.src, "plan"):  # a VideoClip decoded by the caller
@@ -376,9 +375,7 @@ class Processor:
             raise TypeError(f"unknown argument(s) {sorted(unknown)}; video knobs are {VIDEO_KNOBS}")
         slices = self.config.max_slice_nums if max_slice_nums is None else _positive_int(max_slice_nums,
                                                                                           "max_slice_nums")
-        if use_image_id is not None and not isinstance(use_image_id, bool):
-            raise ValueError(f"use_image_id must be true or false, got {use_image_id!r}")
-        use_id = self.config.use_image_id if use_image_id is None else use_image_id
+        use_id = self.config.use_image_id if use_image_id is None else _flag(use_image_id, "use_image_id")
         msgs, visuals = self._collect(messages, images, videos, knobs)
         chunks = _split_markers(chat.render_pieces(msgs, add_generation_prompt=add_generation_prompt,
                                                    thinking=thinking))
@@ -478,6 +475,12 @@ def _split_markers(pieces: list[tuple[str, bool]]) -> list[list[tuple[str, bool]
             if part:
                 chunks[-1].append((part, control))
     return chunks
+
+
+def _flag(x: Any, name: str) -> bool:
+    if not isinstance(x, bool):
+        raise ValueError(f"{name} must be true or false, got {x!r}")
+    return x
 
 
 def _positive_int(x: Any, name: str) -> int:

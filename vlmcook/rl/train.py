@@ -277,12 +277,12 @@ def train_rl(cfg: RLConfig, model: nn.Module, tokenizer, tasks: list[Task], dist
     if cfg.lora and not has_lora(model):
         add_lora(model, cfg.lora_targets, cfg.lora_r, cfg.lora_alpha, cfg.lora_dropout)
     C.set_trainable(model, cfg.stage)
+    if cfg.out_dir:  # a folder that cannot hold the log and checkpoints fails now, not after a step
+        S.check_out_dir(cfg.out_dir)
     ref = None
     if cfg.kl_coef:  # a frozen copy of the policy this process starts from (after a resume: the resumed weights)
         import copy
         ref = ContinuationScorer(copy.deepcopy(model).requires_grad_(False).to(dist.device))
-    if cfg.out_dir:  # a folder that cannot hold the log and checkpoints fails now, not after a step
-        S.check_out_dir(cfg.out_dir)
     start, st, state = 0, RLState(), None
     folder = S.latest_checkpoint(cfg.out_dir) if cfg.resume else None
     if folder is not None:
@@ -378,8 +378,7 @@ def _log(m: dict, cfg: RLConfig, dist: C.Dist, bar) -> None:
                   f"{m['reward_format']:.3f} rep {m['reward_rep']:.3f} rm_z {m['reward_rm_z']:.3f}) | acc long "
                   f"{m['acc_long']:.2f} short {m['acc_short']:.2f} | len long {m['len_long']:.1f} short "
                   f"{m['len_short']:.1f} | dropped {m['frac_dropped']:.2f} | RL tokens {m['rl_tokens']:,}")
-    if cfg.out_dir:
-        Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    if cfg.out_dir:  # created by check_out_dir before the first step
         with open(Path(cfg.out_dir) / "rl_log.jsonl", "a") as f:
             f.write(json.dumps(m) + "\n")
 
