@@ -6,7 +6,8 @@ Notable:
   * "order":   three coloured discs appear one after another (never together); which came first / second / last?
   * "count":   a disc flashes k = 1..5 times at random places and times in a 9.5-10.5 s video; how many times?
   * "motion":  a square crosses the frame left / right / up / down (a static disc of another colour distracts)
-  * "at_time": a central square changes colour every second; what colour is it at k.5 seconds?
+  * "at_time": a central square changes colour every second while a grey tick crosses the bottom edge once a
+    second; what colour is it at k.5 seconds?
 - Events last >= 0.8 s and gaps >= 0.6 s, so >= 2 frames a second see every appearance and gap; colours are
   saturated and far apart, so they survive yuv420p compression (tests recover each answer from decoded pixels).
 - Frames are Pillow drawings at `size` (even sides), written with PyAV at `fps` (libx264, else mpeg4).
@@ -111,6 +112,15 @@ def _scene_motion(rng: random.Random) -> Scene:
     return Scene("motion", duration, shapes, q, d, {"direction": d, "colour": colour})
 
 
+# Not an answer colour: the at_time tick, which moves within every second. The resampler's temporal embedding is added
+# to its keys only, so it re-weights a package's frames and says nothing about a package whose frames are all the
+# same (reports/video.md section 2): a video that stands still for whole seconds has no time in its visual tokens.
+# Real video is never that still; the tick makes ours move as it does, the same way every second, so only the
+# frames' times (not their content) tell one second's package from another's.
+TICK = "grey"
+PAINT = {**COLOURS, TICK: (128, 128, 128)}
+
+
 def _scene_at_time(rng: random.Random) -> Scene:
     n = rng.randint(3, 7)
     colours = [rng.choice(list(COLOURS))]
@@ -118,6 +128,8 @@ def _scene_at_time(rng: random.Random) -> Scene:
         colours.append(rng.choice([c for c in COLOURS if c != colours[-1]]))
     shapes = tuple(Shape("square", c, float(s), float(s + 1), 0.5, 0.5, 0.5, 0.5, radius=0.25)
                    for s, c in enumerate(colours))
+    shapes += tuple(Shape("disc", TICK, float(s), float(s + 1), 0.08, 0.88, 0.92, 0.88, radius=0.07)
+                    for s in range(n))
     k = rng.randrange(n)
     q = f"The square changes colour every second. What colour is it at {k}.5 seconds? Answer with one word."
     return Scene("at_time", float(n), shapes, q, colours[k], {"colours": colours, "second": k})
@@ -183,7 +195,7 @@ def render_frame(sc: Scene, t: float, size: tuple[int, int]) -> Image.Image:
         cx, cy = (s.x0 + f * (s.x1 - s.x0)) * W, (s.y0 + f * (s.y1 - s.y0)) * H
         r = s.radius * min(W, H)
         box = (cx - r, cy - r, cx + r, cy + r)
-        (draw.ellipse if s.kind == "disc" else draw.rectangle)(box, fill=COLOURS[s.colour])
+        (draw.ellipse if s.kind == "disc" else draw.rectangle)(box, fill=PAINT[s.colour])
     return img
 
 
@@ -192,8 +204,27 @@ def render_frames(sc: Scene, fps: float, size: tuple[int, int]) -> list[Image.Im
     return [render_frame(sc, j / fps, size) for j in range(max(1, round(sc.duration * fps)))]
 
 
+def to_yuv420p(img: Image.Image) -> "np.ndarray":
+    """RGB -> yuv420p planes in integer numpy ([H * 3/2, W] uint8: Y, then U and V of 2x2-averaged pixels), BT.601
+    limited range, the conversion FFmpeg's swscale does by default. Ours so that no library picks a code path: a
+    video's bytes are then a function of its frames (two demo runs once got 2 of 1500 videos encoded differently
+    when PyAV converted, reports/video.md section 6)."""
+    import numpy as np
+
+    rgb = np.asarray(img.convert("RGB"), dtype=np.int32)  # [H, W, 3]
+    H, W = rgb.shape[:2]
+    r, g, b = rgb[..., 0], rgb[..., 1], rgb[..., 2]
+    y = ((66 * r + 129 * g + 25 * b + 128) >> 8) + 16
+    q = rgb.reshape(H // 2, 2, W // 2, 2, 3).sum(axis=(1, 3))  # 2x2 sums [H/2, W/2, 3], 4x the mean
+    r, g, b = q[..., 0], q[..., 1], q[..., 2]
+    u = ((-38 * r - 74 * g + 112 * b + 512) >> 10) + 128
+    v = ((112 * r - 94 * g - 18 * b + 512) >> 10) + 128
+    return np.concatenate([y.ravel(), u.ravel(), v.ravel()]).astype(np.uint8).reshape(H * 3 // 2, W)
+
+
 def encode_mp4(frames: list[Image.Image], fps: float, codec: str | None = None) -> bytes:
-    """Frames -> mp4 bytes (yuv420p) with PyAV; codec libx264 when available, else mpeg4."""
+    """Frames -> mp4 bytes (yuv420p, converted by `to_yuv420p`) with PyAV; codec libx264 when available, else mpeg4
+    (even sides)."""
     import av
     from fractions import Fraction
 
@@ -212,7 +243,7 @@ def encode_mp4(frames: list[Image.Image], fps: float, codec: str | None = None) 
             if name == "mpeg4":
                 stream.bit_rate = 2_000_000
             for img in frames:
-                out.mux(stream.encode(av.VideoFrame.from_image(img)))
+                out.mux(stream.encode(av.VideoFrame.from_ndarray(to_yuv420p(img), format="yuv420p")))
             out.mux(stream.encode())
         return buf.getvalue()
     raise RuntimeError(f"none of the video encoders {codecs} is available in this PyAV build")
