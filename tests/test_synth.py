@@ -12,8 +12,8 @@ from PIL import Image
 from vlmcook.data import synth_images as si
 from vlmcook.data import synth_video as sv
 
-PALETTE = np.array(list(sv.COLOURS.values()) + [sv.PAINT[sv.TICK], sv.BACKGROUND], dtype=float)
-NAMES = list(sv.COLOURS) + [sv.TICK, "bg"]
+PALETTE = np.array(list(sv.COLOURS.values()) + [sv.BACKGROUND], dtype=float)
+NAMES = list(sv.COLOURS) + ["bg"]
 
 
 def classify(frame: np.ndarray) -> np.ndarray:
@@ -25,7 +25,7 @@ def classify(frame: np.ndarray) -> np.ndarray:
 def present(frame: np.ndarray, min_px: int = 40) -> dict[str, np.ndarray]:
     """Colour name -> boolean mask, for colours covering at least min_px pixels."""
     lab = classify(frame)
-    return {NAMES[k]: lab == k for k in range(len(NAMES) - 1) if (lab == k).sum() >= min_px and NAMES[k] != sv.TICK}
+    return {NAMES[k]: lab == k for k in range(len(NAMES) - 1) if (lab == k).sum() >= min_px}
 
 
 def decode_all(path) -> list[tuple[float, np.ndarray]]:
@@ -80,12 +80,8 @@ def test_video_tasks_need_time():
         sc = sv.scene(5, i)
         if sc.task in ("order", "count", "at_time"):
             for t in np.arange(0, sc.duration, 0.1):
-                visible = [s for s in sc.shapes if s.t0 <= t < s.t1 and s.colour != sv.TICK]
+                visible = [s for s in sc.shapes if s.t0 <= t < s.t1]
                 assert len(visible) <= 1, (sc.task, t)
-        if sc.task == "at_time":  # the tick moves the same way in every second: it tells no second from another
-            ticks = [s for s in sc.shapes if s.colour == sv.TICK]
-            assert len({(s.t1 - s.t0, s.x0, s.y0, s.x1, s.y1) for s in ticks}) == 1
-            assert [s.t0 for s in ticks] == list(range(len(ticks))) and ticks[0].t1 == 1
 
 
 def test_video_sampled_by_the_processor_path_still_answers(tmp_path):

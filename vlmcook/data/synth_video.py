@@ -6,8 +6,7 @@ Notable:
   * "order":   three coloured discs appear one after another (never together); which came first / second / last?
   * "count":   a disc flashes k = 1..5 times at random places and times in a 9.5-10.5 s video; how many times?
   * "motion":  a square crosses the frame left / right / up / down (a static disc of another colour distracts)
-  * "at_time": a central square changes colour every second while a grey tick crosses the bottom edge once a
-    second; what colour is it at k.5 seconds?
+  * "at_time": a central square changes colour every second; what colour is it at k.5 seconds?
 - Events last >= 0.8 s and gaps >= 0.6 s, so >= 2 frames a second see every appearance and gap; colours are
   saturated and far apart, so they survive yuv420p compression (tests recover each answer from decoded pixels).
 - Frames are Pillow drawings at `size` (even sides), written with PyAV at `fps` (libx264, else mpeg4).
@@ -112,15 +111,6 @@ def _scene_motion(rng: random.Random) -> Scene:
     return Scene("motion", duration, shapes, q, d, {"direction": d, "colour": colour})
 
 
-# Not an answer colour: the at_time tick, which moves within every second. The resampler's temporal embedding is added
-# to its keys only, so it re-weights a package's frames and says nothing about a package whose frames are all the
-# same (reports/video.md section 2): a video that stands still for whole seconds has no time in its visual tokens.
-# Real video is never that still; the tick makes ours move as it does, the same way every second, so only the
-# frames' times (not their content) tell one second's package from another's.
-TICK = "grey"
-PAINT = {**COLOURS, TICK: (128, 128, 128)}
-
-
 def _scene_at_time(rng: random.Random) -> Scene:
     n = rng.randint(3, 7)
     colours = [rng.choice(list(COLOURS))]
@@ -128,8 +118,6 @@ def _scene_at_time(rng: random.Random) -> Scene:
         colours.append(rng.choice([c for c in COLOURS if c != colours[-1]]))
     shapes = tuple(Shape("square", c, float(s), float(s + 1), 0.5, 0.5, 0.5, 0.5, radius=0.25)
                    for s, c in enumerate(colours))
-    shapes += tuple(Shape("disc", TICK, float(s), float(s + 1), 0.08, 0.88, 0.92, 0.88, radius=0.07)
-                    for s in range(n))
     k = rng.randrange(n)
     q = f"The square changes colour every second. What colour is it at {k}.5 seconds? Answer with one word."
     return Scene("at_time", float(n), shapes, q, colours[k], {"colours": colours, "second": k})
@@ -195,7 +183,7 @@ def render_frame(sc: Scene, t: float, size: tuple[int, int]) -> Image.Image:
         cx, cy = (s.x0 + f * (s.x1 - s.x0)) * W, (s.y0 + f * (s.y1 - s.y0)) * H
         r = s.radius * min(W, H)
         box = (cx - r, cy - r, cx + r, cy + r)
-        (draw.ellipse if s.kind == "disc" else draw.rectangle)(box, fill=PAINT[s.colour])
+        (draw.ellipse if s.kind == "disc" else draw.rectangle)(box, fill=COLOURS[s.colour])
     return img
 
 
