@@ -253,20 +253,6 @@ def test_video_slicing_settings_precedence(tiny):
     assert own.views == 2
     out = tiny([{"role": "user", "content": [frames]}], use_image_id=True)
     assert "<image_id>0</image_id>" in tiny.tokenizer.decode(out["input_ids"][0])
-    # a checkpoint trained with ids before its video packages (config.video_image_id, the demo model's) gets them by
-    # default, one per package in order; item and call settings still win; the released layout never saves the key
-    from dataclasses import replace
-
-    own = Processor(tiny.tokenizer, replace(tiny.config, video_image_id=True))
-    three = {"type": "video", "frames": _frames(3), "packages": [[0], [5], [10]]}
-    text = own.tokenizer.decode(own([{"role": "user", "content": [three]}])["input_ids"][0])
-    assert [text.index(f"<image_id>{k}</image_id>") for k in range(3)] == sorted(
-        text.index(f"<image_id>{k}</image_id>") for k in range(3))
-    assert "<image_id>3</image_id>" not in text
-    off = own([{"role": "user", "content": [{**three, "use_image_id": False}]}], use_image_id=True)["input_ids"][0]
-    assert "<image_id>" not in own.tokenizer.decode(off)
-    assert "video_image_id" not in tiny.config.to_hf_dict()
-    assert MiniCPMVConfig.from_hf_dict(own.config.to_hf_dict()).video_image_id
 
 
 def test_vector_13_released_bounds_and_sliced_frames(big):

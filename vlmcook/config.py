@@ -135,10 +135,6 @@ class MiniCPMVConfig:
     # copying the visual tokens right before its answer) says so; the processor then orders every user turn so.
     # Saved as "text_first" only when true, so the released layout stays as released.
     text_first: bool = False
-    # vlmcook's own: `<image_id>k</image_id>` before the k-th package of a video (the release's video example turns ids
-    # off). The demo model's: an id is a text token it can match a question's "k seconds" against, which the visual
-    # tokens of a still package cannot give (reports/video.md). Saved as "video_image_id" only when true.
-    video_image_id: bool = False
 
     def __post_init__(self):
         _check_fields(self, "")
@@ -219,7 +215,7 @@ _VISION_FIXED = {"model_type": "siglip", "hidden_act": "gelu_pytorch_tanh", "att
 _VISION_KEYS = {f for f in VisionConfig.__dataclass_fields__}
 # Our own keys for fields the release derives (resampler heads = embed_dim // 128) or leaves at a class default.
 _OWN_KEYS = {"query_num", "patch_size", "vision_config", "slice_config", "resampler_num_heads", "use_image_id",
-             "vision_batch_size", "torch_dtype", "text_first", "video_image_id"}
+             "vision_batch_size", "torch_dtype", "text_first"}
 
 
 def _from_hf_dict(d: dict[str, Any]) -> MiniCPMVConfig:
@@ -266,8 +262,7 @@ def _from_hf_dict(d: dict[str, Any]) -> MiniCPMVConfig:
                           use_image_id=d.get("use_image_id", True),
                           vision_batch_size=d.get("vision_batch_size", 16),
                           torch_dtype=d.get("torch_dtype", "bfloat16"),
-                          text_first=d.get("text_first", False),
-                          video_image_id=d.get("video_image_id", False))
+                          text_first=d.get("text_first", False))
 
 
 def parameter_parts(c: MiniCPMVConfig) -> list[tuple[int, str]]:
@@ -306,8 +301,6 @@ def _to_hf_dict(c: MiniCPMVConfig) -> dict[str, Any]:
         d["resampler_num_heads"] = c.resampler.num_heads
     if c.text_first:
         d["text_first"] = True
-    if c.video_image_id:
-        d["video_image_id"] = True
     return d
 
 
@@ -339,6 +332,5 @@ PRESETS: dict[str, MiniCPMVConfig] = {
         max_slice_nums=1,
         torch_dtype="float32",
         text_first=True,
-        video_image_id=True,
     ),
 }

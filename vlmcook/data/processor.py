@@ -273,11 +273,10 @@ class Processor:
         return _Planned(v, layout, [[-1]], use_image_id, pixels=size[0] * size[1])
 
     def _plan_video(self, v: _Visual, call_slices: int | None, call_use_id: bool | None) -> _Planned:
-        # item setting > explicit call setting (applied to every image and frame, as released) > the checkpoint's
-        # config.video_image_id (False as released: the README's video example turns ids off)
+        # item setting > explicit call setting (applied to every image and frame, as released) > README video default
         slices = _positive_int(v.opts.get("max_slice_nums", 1 if call_slices is None else call_slices),
                                f"{v.where}: max_slice_nums")
-        use_id = _flag(v.opts.get("use_image_id", self.config.video_image_id if call_use_id is None else call_use_id),
+        use_id = _flag(v.opts.get("use_image_id", False if call_use_id is None else call_use_id),
                        f"{v.where}: use_image_id")
         if "packages" in v.opts:
             return self._plan_frames(v, slices, use_id)
