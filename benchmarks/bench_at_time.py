@@ -13,7 +13,6 @@ Validation seed 5000 is the one the design experiments used (recipes/demo.py kee
 
 import argparse
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -25,11 +24,12 @@ from vlmcook.data.docs.grid import VIEW_SIZE  # noqa: E402
 from vlmcook.data.synth_video import SynthVideoQA  # noqa: E402
 from vlmcook.data.tokenizer import Tokenizer  # noqa: E402
 from vlmcook.eval.metrics import normalize_answer  # noqa: E402
+from vlmcook.eval.tasks.common import group_means  # noqa: E402
 from vlmcook.eval.video_qa import eval_video_qa, packing_sweep, video_items  # noqa: E402
 
 
 def rates(groups: dict) -> str:
-    return ", ".join(f"{k}: {sum(v) / len(v):.2f} ({len(v)})" for k, v in sorted(groups.items()))
+    return ", ".join(f"{k}: {g['score']:.2f} ({g['n']})" for k, g in groups.items())
 
 
 def main(argv=None) -> int:
@@ -49,16 +49,14 @@ def main(argv=None) -> int:
             tasks = ", ".join(f"{t} {a:.3f}" for t, a in r["per_task"].items())
             print(f"sweep, {k} frame(s)/package: {r['accuracy']:.3f} ({tasks})")
         res = eval_video_qa(model, tok, video_items(at_time, range(args.n), tok, cfg, fps=4.0, packing=4))
-        by_k, by_n, named = defaultdict(list), defaultdict(list), []
-        for i, (hit, out) in enumerate(zip(res["hits"], res["outputs"])):
-            facts = at_time.source.scene(i).facts
-            by_k[facts["second"]].append(hit)
-            by_n[len(facts["colours"])].append(hit)
-            if not hit:
-                named.append(normalize_answer(out) in facts["colours"])
+        facts = [at_time.source.scene(i).facts for i in range(args.n)]
+        by = group_means([{"score": hit, "second": f["second"], "length": len(f["colours"])}
+                          for hit, f in zip(res["hits"], facts)], ("second", "length"), scale=1.0)["by"]
+        named = [normalize_answer(out) in f["colours"] for hit, out, f in zip(res["hits"], res["outputs"], facts)
+                 if not hit]
         print(f"at_time, 4 frames/package: {res['accuracy']:.3f} (n={args.n})")
-        print(f"  by asked second k: {rates(by_k)}")
-        print(f"  by video length n: {rates(by_n)}")
+        print(f"  by asked second k: {rates(by['second'])}")
+        print(f"  by video length n: {rates(by['length'])}")
         print(f"  wrong answers naming a colour the video shows: {sum(named) / max(1, len(named)):.2f} "
               f"({len(named)} wrong)")
     return 0
