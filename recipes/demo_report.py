@@ -179,8 +179,8 @@ def markdown(r: dict, loss_png: str, metrics_png: str) -> str:
     rows += [
         "",
         f"Same trained model, same held-out videos, every packing k at k fps so that each second of video is one "
-        f"package ({r['plan']['videos_eval']} videos; 2D sees one frame a second, 3D k frames a second for the same "
-        f"visual tokens). Packing {r['video_qa']['packing']} vs 1 per task (paired): " + ", ".join(
+        f"package (the first {r['plan']['videos_sweep']} held-out videos; 2D sees one frame a second, 3D k frames a "
+        f"second for the same visual tokens). Packing {r['video_qa']['packing']} vs 1 per task (paired): " + ", ".join(
             f"{t} {x['diff']:+.2f} ({x['ci95'][0]:+.2f} to {x['ci95'][1]:+.2f})" for t, x in d["per_task"].items())
         + ".",
         "",

@@ -6,9 +6,9 @@ Starts from the demo's checkpoint after SFT (`<demo>/after_sft`, trained on one 
 folder. For each seed, two arms run the demo's last step (same steps, lr, schedule and tokens per step):
   3d: the 2D->3D step as the demo runs it (docs 0.2 + videos at a random package size 1-6, one package a second)
   2d: the same step with the videos at one frame per package (the model stays 2D)
-Both arms are then scored on the demo's held-out videos at one package per second (equal visual tokens): the 3d
-arm at 4 frames per package, the 2d arm at 1 (its training regime); the 3d arm also at 1 (what the upgrade does
-to plain 2D input).
+Both arms are then scored on the demo's first `videos_sweep` held-out videos (its sweep's) at one package per
+second (equal visual tokens): the 3d arm at 4 frames per package, the 2d arm at 1 (its training regime); the 3d
+arm also at 1 (what the upgrade does to plain 2D input).
 
 Pre-registered (fixed before the first full run): per question, the 3d-minus-2d hit difference averaged over the
 seeds; the 95% interval of its mean over the questions (normal approximation, questions as the unit, so the shared
@@ -104,7 +104,8 @@ def main(argv=None) -> int:
     tok = Tokenizer.from_dir(demo / "after_sft")
     trunk = load_model(demo / "after_sft", dtype="float32")
     cfg = trunk.config
-    held = D.Cached(SynthVideoQA(seed=seed0 + D.HELD_OUT_VIDEOS, n=plan.videos_eval, size=VIEW_SIZE, fps=D.VIDEO_FPS))
+    n = min(plan.videos_sweep, plan.videos_eval)  # the demo's sweep videos: its first held-out videos
+    held = D.Cached(SynthVideoQA(seed=seed0 + D.HELD_OUT_VIDEOS, n=n, size=VIEW_SIZE, fps=D.VIDEO_FPS))
     items = {k: video_items(held, range(len(held)), tok, cfg, fps=float(k), packing=k) for k in (1, 4)}
     t0, runs = time.perf_counter(), {}
     for seed in map(int, args.seeds.split(",")):

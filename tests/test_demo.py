@@ -32,6 +32,10 @@ def _check_outputs(out, name, steps):
     # equal budget: one package per second for every packing, so the same packages and k times the frames
     assert len({x["mean_packages"] for x in c.values()}) == 1
     assert all(c[k]["mean_frames"] == pytest.approx(int(k) * c["1"]["mean_frames"], rel=0.2) for k in c)
+    # the headline scores every held-out video; the sweep and the untrained seeds the first `videos_sweep` of them
+    n_sweep = min(r["plan"]["videos_sweep"], r["plan"]["videos_eval"])
+    assert r["video_qa"]["n"] == r["plan"]["videos_eval"]
+    assert {x["n"] for x in c.values()} == {b["video"]["n"] for b in r["untrained"]} == {n_sweep}
     for key in ("accuracy", "ci95", "majority", "chance"):  # the stable keys of metrics.json
         assert key in r["video_qa"]
     assert r["verdict"]["3d_vs_2d"]["verdict"] in ("3D better", "2D better", "no difference shown")
