@@ -7,7 +7,9 @@ For each checkpoint (default runs/demo/model):
            package, per task (reports/video.md section 2 compares full demos on these videos);
   at_time  at 4 frames per package on at_time videos only (the same number of them): accuracy by the asked second
            k and by the video's length n, and the share of wrong answers that name a colour the video does show
-           (high: the model sees the colours but cannot tell which package is second k).
+           (high: the model sees the colours but cannot tell which package is second k);
+  per task `--per-task` videos of each task alone at 4 frames per package, with 95% Wilson intervals (the size the
+           demo's held-out set has per task: what the weak tasks score when ~100 questions cannot show it).
 Validation seed 5000 is the one the design experiments used (recipes/demo.py keeps seed + 7000 for the report).
 """
 
@@ -21,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from recipes.demo import VIDEO_FPS, Cached  # noqa: E402
 from vlmcook.checkpoint import load_model  # noqa: E402
 from vlmcook.data.docs.grid import VIEW_SIZE  # noqa: E402
-from vlmcook.data.synth_video import SynthVideoQA  # noqa: E402
+from vlmcook.data.synth_video import TASKS, SynthVideoQA  # noqa: E402
 from vlmcook.data.tokenizer import Tokenizer  # noqa: E402
 from vlmcook.eval.metrics import normalize_answer  # noqa: E402
 from vlmcook.eval.tasks.common import group_means  # noqa: E402
@@ -37,6 +39,7 @@ def main(argv=None) -> int:
     ap.add_argument("checkpoints", nargs="*", default=["runs/demo/model"])
     ap.add_argument("--n", type=int, default=400, help="validation videos per part (default 400)")
     ap.add_argument("--seed", type=int, default=5000, help="validation video seed (default 5000)")
+    ap.add_argument("--per-task", type=int, default=400, help="videos of each task alone (default 400; 0: skip)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     mixed = Cached(SynthVideoQA(seed=args.seed, n=args.n, size=VIEW_SIZE, fps=VIDEO_FPS))
@@ -59,6 +62,11 @@ def main(argv=None) -> int:
         print(f"  by video length n: {rates(by['length'])}")
         print(f"  wrong answers naming a colour the video shows: {sum(named) / max(1, len(named)):.2f} "
               f"({len(named)} wrong)")
+        for task in TASKS if args.per_task else ():
+            alone = Cached(SynthVideoQA(seed=args.seed, n=args.per_task, size=VIEW_SIZE, fps=VIDEO_FPS, tasks=(task,)))
+            r = eval_video_qa(model, tok, video_items(alone, range(args.per_task), tok, cfg, fps=4.0, packing=4))
+            print(f"per task, {task} alone, 4 frames/package: {r['accuracy']:.3f} "
+                  f"(95% CI {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}, n={args.per_task})")
     return 0
 
 
