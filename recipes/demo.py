@@ -163,6 +163,29 @@ def per_second(packing: int | None = None, seed: int | None = None):
     return edit
 
 
+class Written:
+    """The records of a SynthVideoQA as real mp4 files under `folder`, written by a background process started here:
+    rendering the held-out videos (~40 ms each) overlaps training on the core it leaves idle. `record(i)` waits for
+    the files; a failed write raises there."""
+
+    def __init__(self, source, folder: Path):
+        from concurrent.futures import ProcessPoolExecutor
+
+        self.n, self.folder, self.records = len(source), Path(folder), None
+        workers = ProcessPoolExecutor(1)
+        self.pending = workers.submit(source.write, self.folder)
+        workers.shutdown(wait=False)  # the process ends when the write does
+
+    def __len__(self) -> int:
+        return self.n
+
+    def record(self, i: int) -> dict:
+        if self.records is None:
+            self.records = [json.loads(line) for line in self.pending.result().read_text().splitlines()]
+        rec = self.records[i]
+        return {**rec, "videos": [{**v, "path": str(self.folder / v["path"])} for v in rec["videos"]]}
+
+
 class Edited:
     """train.data records `(record, where)` of `records` with `edit(i, record)` applied."""
 
@@ -212,6 +235,8 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
     from vlmcook.data.synth_video import SynthVideoQA
     from vlmcook.train.data import JsonlRecords, RecordSource
 
+    eval_videos = Written(SynthVideoQA(seed=seed + HELD_OUT_VIDEOS, n=plan.videos_eval, size=VIEW_SIZE, fps=VIDEO_FPS),
+                          data / "videos_eval")  # first: forking before any thread starts
     docs, skip_train = write_grid_docs(data / "docs_train", plan.docs_train, seed)
     docs_eval, skip_eval = write_grid_docs(data / "docs_eval", plan.docs_eval, seed + 1000)
     videos = SynthVideoQA(seed=seed, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS)
@@ -230,7 +255,6 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
                                      root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings),
              "video3d": RecordSource(Edited(video_records, per_second(seed=seed)), tok, cfg,
                                      root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings)}
-    eval_videos = Cached(SynthVideoQA(seed=seed + HELD_OUT_VIDEOS, n=plan.videos_eval, size=VIEW_SIZE, fps=VIDEO_FPS))
     held_out = {"docs": docs_eval, "videos": eval_videos,
                 "video_meta": [{"task": s.task, "answer": s.answer} for s in map(videos.scene, range(len(videos)))],
                 "skipped_pages": len(skip_train) + len(skip_eval),

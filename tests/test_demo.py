@@ -35,6 +35,8 @@ def _check_outputs(out, name, steps):
     # the headline scores every held-out video; the sweep and the untrained seeds the first `videos_sweep` of them
     n_sweep = min(r["plan"]["videos_sweep"], r["plan"]["videos_eval"])
     assert r["video_qa"]["n"] == r["plan"]["videos_eval"]
+    written = (out / "data" / "videos_eval" / "data.jsonl").read_text().splitlines()  # real files a user can open
+    assert len(written) == r["plan"]["videos_eval"]
     assert {x["n"] for x in c.values()} == {b["video"]["n"] for b in r["untrained"]} == {n_sweep}
     for key in ("accuracy", "ci95", "majority", "chance"):  # the stable keys of metrics.json
         assert key in r["video_qa"]
