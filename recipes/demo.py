@@ -163,25 +163,19 @@ def per_second(packing: int | None = None, seed: int | None = None):
     return edit
 
 
-class Written:
-    """The records of a SynthVideoQA as real mp4 files under `folder`, written by a background process started here:
-    rendering the held-out videos (~40 ms each) overlaps training on the core it leaves idle. `record(i)` waits for
-    the files; a failed write raises there."""
+class FileRecords:
+    """The first `n` records of a written SynthVideoQA folder (`data.jsonl` + mp4 files), with absolute video paths
+    (what video_items / packing_sweep read); the file is read at the first `record`."""
 
-    def __init__(self, source, folder: Path):
-        from concurrent.futures import ProcessPoolExecutor
-
-        self.n, self.folder, self.records = len(source), Path(folder), None
-        workers = ProcessPoolExecutor(1)
-        self.pending = workers.submit(source.write, self.folder)
-        workers.shutdown(wait=False)  # the process ends when the write does
+    def __init__(self, folder: Path, n: int):
+        self.folder, self.n, self.records = Path(folder), n, None
 
     def __len__(self) -> int:
         return self.n
 
     def record(self, i: int) -> dict:
         if self.records is None:
-            self.records = [json.loads(line) for line in self.pending.result().read_text().splitlines()]
+            self.records = [json.loads(line) for line in (self.folder / "data.jsonl").read_text().splitlines()]
         rec = self.records[i]
         return {**rec, "videos": [{**v, "path": str(self.folder / v["path"])} for v in rec["videos"]]}
 
@@ -235,8 +229,6 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
     from vlmcook.data.synth_video import SynthVideoQA
     from vlmcook.train.data import JsonlRecords, RecordSource
 
-    eval_videos = Written(SynthVideoQA(seed=seed + HELD_OUT_VIDEOS, n=plan.videos_eval, size=VIEW_SIZE, fps=VIDEO_FPS),
-                          data / "videos_eval")  # first: forking before any thread starts
     docs, skip_train = write_grid_docs(data / "docs_train", plan.docs_train, seed)
     docs_eval, skip_eval = write_grid_docs(data / "docs_eval", plan.docs_eval, seed + 1000)
     videos = SynthVideoQA(seed=seed, n=plan.videos_train, size=VIEW_SIZE, fps=VIDEO_FPS)
@@ -255,7 +247,9 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
                                      root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings),
              "video3d": RecordSource(Edited(video_records, per_second(seed=seed)), tok, cfg,
                                      root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings)}
-    held_out = {"docs": docs_eval, "videos": eval_videos,
+    held_out = {"docs": docs_eval, "videos": FileRecords(data / "videos_eval", plan.videos_eval),  # held_out_job's
+                "video_source": SynthVideoQA(seed=seed + HELD_OUT_VIDEOS, n=plan.videos_eval, size=VIEW_SIZE,
+                                             fps=VIDEO_FPS),
                 "video_meta": [{"task": s.task, "answer": s.answer} for s in map(videos.scene, range(len(videos)))],
                 "skipped_pages": len(skip_train) + len(skip_eval),
                 "train_texts": {s["messages"][-1]["content"] for s in map(json.loads, docs.read_text().splitlines())}}
@@ -328,6 +322,33 @@ def evaluate(model, tok, cfg, held: dict, plan: Plan, items: dict | None = None)
     return {"ocr": eval_ocr(model, tok, items["ocr"], max_ocr), "video": eval_video_qa(model, tok, items["video"])}, items
 
 
+def held_out_job(held: dict, plan: Plan, seed: int, tok, cfg) -> list[dict]:
+    """What evaluation needs and training does not, run by a background process during training on the core it
+    leaves idle: write the held-out videos as real mp4 files (`held["videos"]` reads them), then score the untrained
+    seeds on the held-out pages and the first `videos_sweep` videos. -> one `evaluate` result per untrained seed."""
+    torch.set_num_threads(1)
+    held["video_source"].write(held["videos"].folder)
+    n_sweep = min(plan.videos_sweep, len(held["videos"]))
+    first = {**held, "videos": FileRecords(held["videos"].folder, n_sweep)}
+    items = None
+    base = []
+    for s in range(seed, seed + plan.untrained_seeds):
+        res, items = evaluate(untrained(cfg, s), tok, cfg, first, plan, items)
+        base.append(res)
+    return base
+
+
+def in_process(fn, *args):
+    """Start fn(*args) in a fresh (spawned: no thread state copied) process; -> a Future of its result."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    job = workers.submit(fn, *args)
+    workers.shutdown(wait=False)  # the process ends when the job does
+    return job
+
+
 VIDEO_TASKS = ("order", "count", "at_time", "motion")  # every task needs more than one frame (tests/test_synth.py)
 
 
@@ -395,6 +416,7 @@ def run(out: str = "runs/demo", seed: int = 0, quick: bool = False, plan: Plan |
     print(f"[demo] {plan.name}: data (seed {seed})")
     pools, held = make_pools(out_dir / "data", plan, seed, tok, cfg)
     timings["data"] = time.perf_counter() - t0
+    baseline_job = in_process(held_out_job, held, plan, seed, tok, cfg)
 
     model = untrained(cfg, seed)
     n_params = sum(p.numel() for p in model.parameters())
@@ -407,15 +429,13 @@ def run(out: str = "runs/demo", seed: int = 0, quick: bool = False, plan: Plan |
 
     t = time.perf_counter()
     save_model(model, out_dir / "model", tokenizer=tok)
+    print(f"[demo] untrained seeds {seed}-{seed + plan.untrained_seeds - 1}: scored in the background")
+    base = baseline_job.result()  # raises what the background job raised
     print("[demo] evaluating the trained model")
     trained, items = evaluate(model, tok, cfg, held, plan)
     n_sweep = min(plan.videos_sweep, len(held["videos"]))
     print(f"[demo] equal-budget sweep: packings {PACKINGS} at one package per second, first {n_sweep} videos")
     sweep = packing_sweep(model, tok, cfg, held["videos"], range(n_sweep), PACKINGS)
-    base, base_items = [], {"ocr": items["ocr"], "video": items["video"][:n_sweep]}
-    for s in range(seed, seed + plan.untrained_seeds):
-        print(f"[demo] evaluating the untrained model, init seed {s}")
-        base.append(evaluate(untrained(cfg, s), tok, cfg, held, plan, base_items)[0])
     video_base = baselines(held["video_meta"], items["video"])
     verdict = verdicts(trained, base, video_base, sweep)
     timings["eval"] = time.perf_counter() - t
