@@ -143,7 +143,9 @@ def markdown(r: dict, loss_png: str, metrics_png: str) -> str:
     for level in lv:
         rows.append(f"| OCR CER, {level} (n={tr['ocr']['n_per_level'][level]}) | {tr['ocr']['per_level'][level]:.3f}"
                     f" | {_fmt_range([b['ocr']['per_level'].get(level, float('nan')) for b in base])} |")
-    rows.append(f"| video QA accuracy (n={tr['video']['n']}, {tr['video']['mean_frames']:.1f} frames in "
+    n_base = {b["video"]["n"] for b in base} - {tr["video"]["n"]}  # the untrained seeds may score a first part
+    rows.append(f"| video QA accuracy (n={tr['video']['n']}"
+                + "".join(f"; untrained n={n}" for n in n_base) + f", {tr['video']['mean_frames']:.1f} frames in "
                 f"{tr['video']['mean_packages']:.1f} packages) | {tr['video']['accuracy']:.3f} | "
                 f"{_fmt_range([b['video']['accuracy'] for b in base])} |")
     for task, acc in tr["video"]["per_task"].items():
