@@ -247,7 +247,7 @@ def make_pools(data: Path, plan: Plan, seed: int, tok, cfg) -> tuple[dict, dict]
                                      root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings),
              "video3d": RecordSource(Edited(video_records, per_second(seed=seed)), tok, cfg,
                                      root=video_records.path.parent, max_length=cfg.llm.max_position_embeddings)}
-    held_out = {"docs": docs_eval, "videos": FileRecords(data / "videos_eval", plan.videos_eval),  # held_out_job's
+    held_out = {"docs": docs_eval, "videos": FileRecords(data / "videos_eval", plan.videos_eval),  # see held_out_job
                 "video_source": SynthVideoQA(seed=seed + HELD_OUT_VIDEOS, n=plan.videos_eval, size=VIEW_SIZE,
                                              fps=VIDEO_FPS),
                 "video_meta": [{"task": s.task, "answer": s.answer} for s in map(videos.scene, range(len(videos)))],
@@ -330,8 +330,7 @@ def held_out_job(held: dict, plan: Plan, seed: int, tok, cfg) -> list[dict]:
     held["video_source"].write(held["videos"].folder)
     n_sweep = min(plan.videos_sweep, len(held["videos"]))
     first = {**held, "videos": FileRecords(held["videos"].folder, n_sweep)}
-    items = None
-    base = []
+    items, base = None, []
     for s in range(seed, seed + plan.untrained_seeds):
         res, items = evaluate(untrained(cfg, s), tok, cfg, first, plan, items)
         base.append(res)
