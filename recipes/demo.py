@@ -103,6 +103,11 @@ class Plan:
     # +-0.09: reports/video.md section 4).
     videos_sweep: int = 400
 
+    @property
+    def sweep_videos(self) -> int:
+        """How many held-out videos the sweep, the untrained seeds and the ablation score (the first ones)."""
+        return min(self.videos_sweep, self.videos_eval)
+
 
 PLANS = {
     "quick": Plan("demo_quick", {"lm": 600, "vision": 200, "pt1": 10, "pt2": 10, "pt3": 350, "sft": 100,
@@ -328,8 +333,7 @@ def held_out_job(held: dict, plan: Plan, seed: int, tok, cfg) -> list[dict]:
     seeds on the held-out pages and the first `videos_sweep` videos. -> one `evaluate` result per untrained seed."""
     torch.set_num_threads(1)
     held["video_source"].write(held["videos"].folder)
-    n_sweep = min(plan.videos_sweep, len(held["videos"]))
-    first = {**held, "videos": FileRecords(held["videos"].folder, n_sweep)}
+    first = {**held, "videos": FileRecords(held["videos"].folder, plan.sweep_videos)}
     items, base = None, []
     for s in range(seed, seed + plan.untrained_seeds):
         res, items = evaluate(untrained(cfg, s), tok, cfg, first, plan, items)
@@ -432,9 +436,9 @@ def run(out: str = "runs/demo", seed: int = 0, quick: bool = False, plan: Plan |
     base = baseline_job.result()  # raises what the background job raised
     print("[demo] evaluating the trained model")
     trained, items = evaluate(model, tok, cfg, held, plan)
-    n_sweep = min(plan.videos_sweep, len(held["videos"]))
-    print(f"[demo] equal-budget sweep: packings {PACKINGS} at one package per second, first {n_sweep} videos")
-    sweep = packing_sweep(model, tok, cfg, held["videos"], range(n_sweep), PACKINGS)
+    print(f"[demo] equal-budget sweep: packings {PACKINGS} at one package per second, first {plan.sweep_videos} "
+          "videos")
+    sweep = packing_sweep(model, tok, cfg, held["videos"], range(plan.sweep_videos), PACKINGS)
     video_base = baselines(held["video_meta"], items["video"])
     verdict = verdicts(trained, base, video_base, sweep)
     timings["eval"] = time.perf_counter() - t

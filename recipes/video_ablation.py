@@ -104,8 +104,8 @@ def main(argv=None) -> int:
     tok = Tokenizer.from_dir(demo / "after_sft")
     trunk = load_model(demo / "after_sft", dtype="float32")
     cfg = trunk.config
-    n = min(plan.videos_sweep, plan.videos_eval)  # the demo's sweep videos: its first held-out videos
-    held = D.Cached(SynthVideoQA(seed=seed0 + D.HELD_OUT_VIDEOS, n=n, size=VIEW_SIZE, fps=D.VIDEO_FPS))
+    held = D.Cached(SynthVideoQA(seed=seed0 + D.HELD_OUT_VIDEOS, n=plan.sweep_videos, size=VIEW_SIZE,
+                                 fps=D.VIDEO_FPS))  # the demo's sweep videos: its first held-out videos
     items = {k: video_items(held, range(len(held)), tok, cfg, fps=float(k), packing=k) for k in (1, 4)}
     t0, runs = time.perf_counter(), {}
     for seed in map(int, args.seeds.split(",")):
